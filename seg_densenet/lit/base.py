@@ -1,0 +1,72 @@
+"""What the classification and segmentation modules share: optimiser, schedule, checkpoint record."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from seg_densenet.errors import SegDenseNetError
+
+
+class NonFiniteLossError(SegDenseNetError):
+    """Training produced a NaN or infinite loss."""
+
+
+class BaseModule(pl.LightningModule):
+    """A LightningModule around ``model`` with config-built optimiser and schedule.
+
+    ``record`` (plain dicts and strings) is stored in every checkpoint under ``"seg_densenet"`` so that
+    prediction can rebuild the network and its preprocessing from the checkpoint alone, and loading
+    stays possible with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "step",
+        record: dict | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.record = record or {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+            steps = self.trainer.estimated_stepping_batches
+            kwargs["total_steps"] = int(steps) if math.isfinite(steps) else 1000
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def check_finite(self, loss: torch.Tensor, batch: dict) -> None:
+        """Stop before a NaN/inf loss reaches the weights (and so the checkpoints)."""
+        if not torch.isfinite(loss):
+            cases = batch.get("case", [])
+            cases = ", ".join(cases) if isinstance(cases, list | tuple) else str(cases)
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at global step {self.global_step}, epoch {self.current_epoch}; "
+                f"batch cases: {cases}"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["seg_densenet"] = self.record

@@ -1,0 +1,283 @@
+"""Training app: ``python -m seg_densenet.train [task=pipeline|classify|segment] [key=value ...]``.
+
+``train(cfg)`` is a plain function (tests call it with a composed config); ``main`` is the thin Hydra
+wrapper that returns the metric named by ``optimized_metric`` so that any sweeper can optimise it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.repo_root:} resolver)
+from seg_densenet.errors import ConfigError, SegDenseNetError
+from seg_densenet.lit.classification import ClassificationModule
+from seg_densenet.lit.segmentation import SegmentationModule
+from seg_densenet.utils.atomic import atomic_write_text
+from seg_densenet.utils.cli import run_cli
+from seg_densenet.utils.ddp import patch_lightning_hydra_launcher, release_ddp_children
+
+log = logging.getLogger("seg_densenet.train")
+
+STAGE_RECORD = "stage.json"
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run the task's stages (classify, segment, or both) and return the final metrics.
+
+    Writes ``summary.json`` at the run directory's root:
+    ``{"task", "metrics", "best_checkpoint", "output_dir", "wall_time_s", "stages"}``.
+    """
+    start = time.time()
+    run_dir = _run_dir(cfg)
+    stages = list(cfg.task.stages)
+    results: dict[str, dict] = {}
+    encoder_weights = None
+    for index, stage in enumerate(stages, start=1):
+        stage_dir = run_dir / f"stage{index}_{stage}" if len(stages) > 1 else run_dir
+        record = _finished_stage(stage_dir) if cfg.get("ckpt_path") else None
+        if record is not None:
+            log.info("stage %d/%d (%s): already finished in %s, reusing it", index, len(stages), stage, stage_dir)
+        else:
+            log.info("stage %d/%d (%s): output in %s", index, len(stages), stage, stage_dir)
+            if stage == "classify":
+                record = _run_classification(cfg, stage_dir)
+            elif stage == "segment":
+                record = _run_segmentation(cfg, stage_dir, encoder_weights)
+            else:
+                raise ConfigError(f"task.stages: unknown stage {stage!r}; valid stages: classify, segment")
+        results[stage] = record
+        if stage == "classify":
+            encoder_weights = record["best_checkpoint"]
+    final = results[stages[-1]]
+    summary = {
+        "task": cfg.task.name,
+        "metrics": final["metrics"],
+        "best_checkpoint": final["best_checkpoint"],
+        "output_dir": str(run_dir),
+        "wall_time_s": round(time.time() - start, 1),
+        "stages": {name: {"metrics": r["metrics"], "best_checkpoint": r["best_checkpoint"]} for name, r in results.items()},
+    }
+    if _is_global_zero():
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        _print_summary(summary)
+    release_ddp_children()
+    return final["metrics"]
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def _run_classification(cfg: DictConfig, stage_dir: Path) -> dict:
+    stage_cfg = cfg.task.classify
+    datamodule = _classification_datamodule(cfg, stage_cfg)
+    datamodule.setup("fit")
+    model_cfg = classifier_config(cfg)
+    net = instantiate(model_cfg, num_classes=datamodule.num_classes)
+    record = {"task": "classify", "model": _container(model_cfg) | {"num_classes": datamodule.num_classes},
+              "class_names": list(getattr(datamodule, "class_names", []))}
+    module = ClassificationModule(
+        net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
+        num_classes=datamodule.num_classes, label_smoothing=stage_cfg.label_smoothing,
+    )
+    return _fit(cfg, stage_cfg, module, datamodule, stage_dir)
+
+
+def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | None) -> dict:
+    stage_cfg = cfg.task.segment
+    datamodule = instantiate(cfg.data)
+    model_cfg = cfg.model
+    overrides = {}
+    if encoder_weights is not None:
+        if "encoder_weights" not in model_cfg:
+            raise ConfigError(f"model {model_cfg.get('name')!r} has no encoder to receive the stage-1 weights")
+        overrides["encoder_weights"] = encoder_weights
+        log.info("encoder starts from the stage-1 classifier %s", encoder_weights)
+    net = instantiate(model_cfg, **overrides)
+    record = {
+        "task": "segment",
+        # the checkpoint holds the trained encoder: rebuilding for prediction must not reload weights
+        "model": _container(model_cfg) | ({"encoder_weights": None} if "encoder_weights" in model_cfg else {}),
+        "data": _container(cfg.data),
+        "class_names": ["background", "RV", "MYO", "LV"],
+    }
+    module = SegmentationModule(
+        net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
+        loss=stage_cfg.loss, class_weights=stage_cfg.class_weights, hd95_every_n_epochs=stage_cfg.hd95_every_n_epochs,
+        freeze_encoder_epochs=stage_cfg.freeze_encoder_epochs, encoder_lr_mult=stage_cfg.encoder_lr_mult,
+        freeze_encoder_bn=stage_cfg.freeze_encoder_bn, inference_batch_size=stage_cfg.inference_batch_size,
+    )
+    return _fit(cfg, stage_cfg, module, datamodule, stage_dir)
+
+
+def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, datamodule, stage_dir: Path) -> dict:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = _callbacks(cfg, stage_cfg, stage_dir)
+    loggers = [instantiate(c, save_dir=str(stage_dir)) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=stage_cfg.max_epochs,
+        default_root_dir=str(stage_dir),
+    )
+    if hasattr(datamodule, "save_split") and trainer.is_global_zero:
+        datamodule.setup("fit")
+        datamodule.save_split(stage_dir / "split.json")
+    ckpt_path = _resume_checkpoint(cfg, stage_dir)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = _scalars(trainer.callback_metrics)
+    checkpoint_cb = trainer.checkpoint_callback
+    best = checkpoint_cb.best_model_path if checkpoint_cb is not None else ""
+    if checkpoint_cb is not None and not best:
+        best = checkpoint_cb.last_model_path
+    if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
+        metrics[checkpoint_cb.monitor] = float(checkpoint_cb.best_model_score)
+    if cfg.get("test", True) and _has_test_data(datamodule):
+        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        metrics.update(_scalars(test_metrics[0] if test_metrics else {}))
+    record = {"metrics": metrics, "best_checkpoint": best, "epochs": trainer.current_epoch}
+    if trainer.is_global_zero:
+        atomic_write_text(stage_dir / STAGE_RECORD, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# -- config helpers -------------------------------------------------------------------------------
+def classifier_config(cfg: DictConfig) -> DictConfig:
+    """The classifier to pretrain: ``cfg.model`` if it is a DenseNet classifier, else the encoder
+    DenseNet of a ``dense_unet`` model (same architecture, so its weights hand over exactly)."""
+    model = cfg.model
+    name = model.get("name")
+    if name == "dense_unet":
+        params = dict(_container(model.get("encoder_params")) or {})
+        return OmegaConf.create({
+            "_target_": "seg_densenet.models.build_densenet", "name": model.encoder,
+            "in_channels": model.in_channels, "drop_rate": 0.0, **params,
+        })
+    if name in ("densenet121", "densenet169", "densenet201", "densenet161", "densenet_bc"):
+        return model
+    raise ConfigError(
+        f"model={name}: the classify stage needs a DenseNet classifier (densenet121, ...) or a dense_unet "
+        "model whose encoder it pretrains"
+    )
+
+
+def _classification_datamodule(cfg: DictConfig, stage_cfg: DictConfig):
+    datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "classification_datamodule"):
+        datamodule = datamodule.classification_datamodule(batch_size=stage_cfg.get("batch_size"))
+    return datamodule
+
+
+def _scheduler_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    sched = cfg.get("scheduler") or {}
+    factory = instantiate(sched.get("scheduler")) if sched.get("scheduler") else None
+    return {"scheduler": factory, "scheduler_interval": sched.get("interval", "epoch")}
+
+
+def _callbacks(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path) -> list[pl.Callback]:
+    callbacks = []
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if not cb_cfg:
+            continue
+        if name == "model_checkpoint":
+            callbacks.append(instantiate(cb_cfg, dirpath=str(stage_dir / "checkpoints"), monitor=stage_cfg.monitor))
+        else:
+            callbacks.append(instantiate(cb_cfg))
+    return callbacks
+
+
+def _resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        return None
+    if ckpt == "last":
+        last = stage_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(ckpt).resolve()
+    # a checkpoint path belongs to the stage whose folder holds it
+    return str(path) if stage_dir.resolve() in path.parents else None
+
+
+def _finished_stage(stage_dir: Path) -> dict | None:
+    path = stage_dir / STAGE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    """The run directory; resuming from a checkpoint path continues in the run that holds it."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and ckpt != "last":
+        path = Path(ckpt).resolve()
+        if not path.is_file():
+            raise SegDenseNetError(f"{ckpt}: checkpoint not found")
+        for parent in path.parents:
+            if (parent / ".hydra").is_dir() or (parent / "summary.json").is_file():
+                return parent
+    return Path(cfg.paths.output_dir)
+
+
+def _has_test_data(datamodule) -> bool:
+    return hasattr(datamodule, "test_dataloader") and getattr(datamodule, "has_test", True)
+
+
+def _scalars(metrics) -> dict[str, float]:
+    out = {}
+    for key, value in dict(metrics).items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        out[key] = float(value)
+    return dict(sorted(out.items()))
+
+
+def _container(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _is_global_zero() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = summary["metrics"]
+    table = Table(title=f"seg_densenet {summary['task']}: final summary", show_header=True)
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    for key in ("val/dice_best", "val/dice", "test/dice", "test/dice_rv", "test/dice_myo", "test/dice_lv",
+                "test/hd95", "val/acc_best", "test/acc"):
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    table.add_row("best checkpoint", summary["best_checkpoint"] or "-")
+    table.add_row("output directory", summary["output_dir"])
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    Console(file=sys.stdout).print(table)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    patch_lightning_hydra_launcher()
+    metrics = run_cli(train, cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
