@@ -32,7 +32,8 @@ from seg_densenet.utils.cli import run_cli
 log = logging.getLogger("seg_densenet.predict")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-SKIP_MARKERS = ("_gt", "_pred", "_uncertainty", "_probs")
+# ground truth, our own outputs, and the 4D cine files of the original ACDC release
+SKIP_MARKERS = ("_gt", "_pred", "_uncertainty", "_probs", "_4d")
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 

@@ -1,0 +1,285 @@
+"""Evaluation app: segmentations against ACDC-layout ground truth, reported as the ACDC challenge did.
+
+Usage::
+
+    python -m seg_densenet.evaluate pred=DIR gt=DIR output=DIR [allow_missing=true] [plots=false]
+    python -m seg_densenet.evaluate ckpt=FILE input=DIR output=DIR  # predict into OUTPUT/predictions
+
+Per frame and structure (RV, MYO, LV) at ED and ES: Dice, IoU, HD, HD95 and ASSD in mm (3D, in the
+ground truth's header spacing); per patient: volumes, ejection fractions and myocardial mass from
+the ED/ES pair, for ground truth and prediction, and their agreement. See
+:mod:`seg_densenet.evaluation` for the definitions and ``conf/evaluate.yaml`` for the settings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from seg_densenet.data.nifti import Volume, check_label_values, load_volume
+from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
+from seg_densenet.evaluation import report
+from seg_densenet.evaluation.cases import PHASES, FramePair, find_frames
+from seg_densenet.evaluation.clinical import ACDC_LABELS, indices_from_volumes, structure_volumes_ml
+from seg_densenet.evaluation.metrics import label_metrics
+from seg_densenet.utils.atomic import refuse_overwrite_of_inputs
+
+AFFINE_TOLERANCE_MM = 1e-3
+"""Largest difference between prediction and ground-truth affine entries that counts as equal (mm)."""
+
+_BLAND_ALTMAN = (("LV_EF_pct", "LV EF", "%"), ("RV_EF_pct", "RV EF", "%"), ("LV_EDV_ml", "LV EDV", "ml"))
+
+
+def evaluate_folders(
+    pred: str | Path,
+    gt: str | Path,
+    output: str | Path,
+    labels: Mapping[str, int] = ACDC_LABELS,
+    allow_missing: bool = False,
+    make_plots: bool = True,
+    console: Console | None = None,
+) -> dict:
+    """Evaluate every ground-truth frame under ``gt`` against its prediction under ``pred``.
+
+    Writes ``metrics.csv``, ``clinical.csv``, ``summary.json``, ``summary.md`` (and PNG plots) into
+    ``output`` and returns the ``summary.json`` dict. Raises :class:`DataError` for bad input.
+    """
+    pred, gt, output = (Path(p).expanduser() for p in (pred, gt, output))
+    labels = _check_labels(labels)
+    err = console or Console(stderr=True)
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    frames = find_frames(gt, pred, allow_missing, warn)
+    _check_output(output, frames)
+
+    metric_rows: list[dict] = []
+    volumes: dict[tuple[str, str], dict[str, dict[str, float]]] = {}  # (case, stem) -> source -> ml
+    progress = Progress(
+        TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err, transient=True,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("", total=len(frames))
+        for frame in frames:
+            progress.update(task, description=frame.stem)
+            gt_vol, pred_vol = _load_pair(frame, labels)
+            per_structure = label_metrics(pred_vol.data, gt_vol.data, gt_vol.spacing, labels)
+            for structure, values in per_structure.items():
+                metric_rows.append(
+                    {
+                        "case": frame.case,
+                        "phase": frame.phase,
+                        "structure": structure,
+                        **values,
+                        "stem": frame.stem,
+                    }
+                )
+            volumes[(frame.case, frame.stem)] = {
+                "gt": structure_volumes_ml(gt_vol.data, gt_vol.spacing, labels),
+                "pred": structure_volumes_ml(pred_vol.data, gt_vol.spacing, labels),
+            }
+            progress.advance(task)
+    clinical_rows = _clinical_rows(frames, volumes, warn)
+
+    cases = sorted({f.case for f in frames})
+    stats = report.summarise(metric_rows, clinical_rows, list(labels), n_cases=len(cases))
+    summary = report.summary_json(stats)
+    output.mkdir(parents=True, exist_ok=True)
+    report.write_csv(output / "metrics.csv", metric_rows, report.METRIC_COLUMNS)
+    report.write_csv(output / "clinical.csv", clinical_rows, report.CLINICAL_COLUMNS)
+    report.write_json(output / "summary.json", summary)
+    sources = {"gt": str(gt), "pred": str(pred)}
+    report.write_markdown(
+        output / "summary.md", report.summary_markdown(stats, len(frames), sources, warnings)
+    )
+    if make_plots:
+        _write_plots(output, frames, metric_rows, clinical_rows, labels, warn)
+    _print_table(stats, output)
+    return summary
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """The app as a plain function of its config (``conf/evaluate.yaml``); returns ``summary.json``'s dict."""
+    if cfg.output is None:
+        raise ConfigError("output: set output=DIR, the folder for the reports")
+    output = Path(cfg.output).expanduser()
+    pred, gt = cfg.pred, cfg.gt
+    if cfg.ckpt is not None:
+        if pred is not None:
+            raise ConfigError(
+                "pred: give either pred=DIR (evaluate) or ckpt=FILE input=DIR (predict, then evaluate)"
+            )
+        if cfg.input is None:
+            raise ConfigError("input: ckpt=FILE needs input=DIR, the ACDC-layout images to segment")
+        from seg_densenet.predict import predict_tree  # lazy: pulls in torch and the models
+
+        pred = output / "predictions"
+        options = OmegaConf.to_container(cfg.predict_options, resolve=True) or {}
+        predict_tree(cfg.ckpt, cfg.input, pred, **options)
+        gt = gt if gt is not None else cfg.input
+    if pred is None:
+        raise ConfigError("pred: set pred=DIR (predictions) or ckpt=FILE input=DIR (predict, then evaluate)")
+    if gt is None:
+        raise ConfigError("gt: set gt=DIR, the ACDC-layout ground truth (<case>/<stem>_gt.nii.gz)")
+    labels = OmegaConf.to_container(cfg.labels, resolve=True)
+    return evaluate_folders(pred, gt, output, labels, bool(cfg.allow_missing), bool(cfg.plots))
+
+
+class _UserError(BaseException):
+    """Carries a SegDenseNetError past Hydra, which would print any Exception with a traceback."""
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def _hydra_app(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except SegDenseNetError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise _UserError(str(exc)) from exc
+
+
+def main() -> None:
+    """Console-script entry point: user errors print ``error: <message>`` and exit with code 2."""
+    try:
+        _hydra_app()
+    except _UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
+    names = {"RV", "MYO", "LV"}
+    if not isinstance(labels, Mapping) or set(labels) != names:
+        raise ConfigError(
+            f"labels: expected the structures {sorted(names)} mapped to label values, got {labels}"
+        )
+    values = list(labels.values())
+    if not all(isinstance(v, int) and v > 0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"labels: label values must be distinct positive integers, got {dict(labels)}")
+    return dict(labels)
+
+
+def _check_output(output: Path, frames: list[FramePair]) -> None:
+    """The output folder may be an input folder, but never an input file."""
+    inputs = [p for f in frames for p in (f.gt_path, f.pred_path, f.image_path) if p is not None]
+    refuse_overwrite_of_inputs(output, inputs)
+    if output.exists() and not output.is_dir():
+        raise DataError(f"{output}: output exists and is not a folder")
+
+
+def _load_pair(frame: FramePair, labels: Mapping[str, int]) -> tuple[Volume, Volume]:
+    """Ground truth and prediction of a frame, checked for label values and equal geometry."""
+    allowed = {0, *labels.values()}
+    gt_vol = load_volume(frame.gt_path, label=True)
+    check_label_values(gt_vol, allowed)
+    pred_vol = load_volume(frame.pred_path, label=True)
+    if pred_vol.shape != gt_vol.shape:
+        raise DataError(
+            f"{frame.case}: prediction {frame.pred_path} has shape {pred_vol.shape} but ground truth "
+            f"{frame.gt_path} has shape {gt_vol.shape}"
+        )
+    gap = float(np.abs(pred_vol.affine - gt_vol.affine).max())
+    if gap > AFFINE_TOLERANCE_MM:
+        raise DataError(
+            f"{frame.case}: prediction {frame.pred_path} and ground truth {frame.gt_path} have different "
+            f"affines (largest difference {gap:.4g} mm)"
+        )
+    check_label_values(pred_vol, allowed)
+    return gt_vol, pred_vol
+
+
+def _clinical_rows(frames: list[FramePair], volumes: dict, warn) -> list[dict]:
+    """A ``gt`` and a ``pred`` row of clinical indices per case with exactly one ED and one ES frame."""
+    rows = []
+    for case in sorted({f.case for f in frames}):
+        by_phase = {phase: [f for f in frames if f.case == case and f.phase == phase] for phase in PHASES}
+        if any(len(found) != 1 for found in by_phase.values()):
+            counts = ", ".join(f"{len(found)} {phase}" for phase, found in by_phase.items())
+            warn(f"{case}: needs one ED and one ES frame for clinical indices, found {counts}; skipped")
+            continue
+        ed, es = by_phase["ED"][0], by_phase["ES"][0]
+        for source in ("gt", "pred"):
+            indices = indices_from_volumes(volumes[(case, ed.stem)][source], volumes[(case, es.stem)][source])
+            rows.append({"patient": case, "source": source, **indices})
+    return rows
+
+
+def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, warn) -> None:
+    from seg_densenet.evaluation import plots  # lazy: matplotlib costs ~1 s of start-up when plots=false
+
+    plots.dice_boxplot(metric_rows, list(labels), output / "dice_boxplot.png")
+    by_source = {
+        src: {r["patient"]: r for r in clinical_rows if r["source"] == src} for src in ("gt", "pred")
+    }
+    patients = sorted(by_source["gt"])
+    if patients:
+        for key, name, unit in _BLAND_ALTMAN:
+            pred = [by_source["pred"][p][key] for p in patients]
+            gt = [by_source["gt"][p][key] for p in patients]
+            plots.bland_altman(pred, gt, name, unit, output / f"bland_altman_{key.rsplit('_', 1)[0]}.png")
+    else:
+        warn("no patient with both ED and ES: Bland-Altman plots skipped")
+    # best and worst frame by mean Dice over the structures
+    frame_dice: dict[str, list[float]] = {}
+    for row in metric_rows:
+        frame_dice.setdefault(row["stem"], []).append(row["dice"])
+    ranked = sorted(frames, key=lambda f: float(np.mean(frame_dice[f.stem])))
+    for which, frame in (("best", ranked[-1]), ("worst", ranked[0])):
+        gt_vol, pred_vol = _load_pair(frame, labels)
+        if frame.image_path.is_file():
+            image = load_volume(frame.image_path).data
+        else:
+            warn(f"{frame.image_path}: image not found; {which}-case overlay drawn on a blank background")
+            image = np.zeros(gt_vol.shape, np.float32)
+        if image.shape != gt_vol.shape:
+            warn(
+                f"{frame.image_path}: image shape {image.shape} differs from its ground truth; overlay skipped"
+            )
+            continue
+        title = f"{which}: {frame.stem} ({frame.phase}), mean Dice {np.mean(frame_dice[frame.stem]):.3f}"
+        plots.overlay_montage(
+            image, gt_vol.data, pred_vol.data, labels, title, output / f"overlay_{which}.png"
+        )
+
+
+def _print_table(stats: dict, output: Path) -> None:
+    table = Table(title=f"{stats['n_cases']} cases (mean ± SD)")
+    for column in ("Structure", "Phase", "Dice", "HD95 mm", "ASSD mm"):
+        table.add_column(column, justify="left" if column in ("Structure", "Phase") else "right")
+    for structure, phases in stats["per_structure"].items():
+        for phase, m in phases.items():
+            if m["dice"]["n_total"]:
+                table.add_row(
+                    structure,
+                    phase,
+                    report.mean_sd_text(m["dice"], 3),
+                    report.mean_sd_text(m["hd95_mm"], 2),
+                    report.mean_sd_text(m["assd_mm"], 2),
+                )
+    out = Console()
+    out.print(table)
+    ef = stats["clinical"]["LV_EF_pct"]
+    if ef["n"]:
+        out.print(
+            f"LV EF: corr {report.number_text(ef['corr'], 3)}, bias {report.number_text(ef['bias'], 2)} %",
+            highlight=False,
+        )
+    out.print(f"reports written to {output}", highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    main()

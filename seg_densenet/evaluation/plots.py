@@ -1,0 +1,117 @@
+"""PNG figures of an evaluation: Dice box plots, Bland-Altman plots and contour overlays.
+
+Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas, never through pyplot, so
+no display and no global figure state are involved; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from seg_densenet.evaluation.cases import PHASES
+from seg_densenet.utils.atomic import atomic_path
+
+_GT_COLOUR = "#2ca02c"
+_PRED_COLOUR = "#d62728"
+
+
+def dice_boxplot(metric_rows: Sequence[dict], structures: Sequence[str], path: Path) -> None:
+    """Box plot of the per-frame Dice of every structure at ED and ES."""
+    fig = _figure(1.6 * len(structures) * len(PHASES) + 1.5, 4.0)
+    ax = fig.add_subplot()
+    data, names = [], []
+    for s in structures:
+        for phase in PHASES:
+            values = [r["dice"] for r in metric_rows if r["structure"] == s and r["phase"] == phase]
+            data.append(values)
+            names.append(f"{s}\n{phase}")
+    ax.boxplot(data, tick_labels=names, showmeans=True)
+    ax.set_ylabel("Dice")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Dice per structure and phase")
+    _save(fig, path)
+
+
+def bland_altman(pred: Sequence[float], gt: Sequence[float], name: str, unit: str, path: Path) -> None:
+    """Bland-Altman plot: difference ``pred - gt`` against the mean of both, with bias and ±1.96 SD lines."""
+    pred_arr, gt_arr = np.asarray(pred, float), np.asarray(gt, float)
+    keep = np.isfinite(pred_arr) & np.isfinite(gt_arr)
+    pred_arr, gt_arr = pred_arr[keep], gt_arr[keep]
+    mean, diff = (pred_arr + gt_arr) / 2.0, pred_arr - gt_arr
+    fig = _figure(5.0, 4.0)
+    ax = fig.add_subplot()
+    ax.scatter(mean, diff, s=16, alpha=0.8)
+    if diff.size:
+        bias = diff.mean()
+        sd = diff.std(ddof=1) if diff.size > 1 else 0.0
+        ax.axhline(bias, color="k", label=f"bias {bias:.2f}")
+        for sign in (-1, 1):
+            ax.axhline(bias + sign * 1.96 * sd, color="k", linestyle="--")
+        ax.legend(loc="best", fontsize=8, title=f"LoA ±{1.96 * sd:.2f}", title_fontsize=8)
+    ax.set_xlabel(f"mean of prediction and ground truth ({unit})")
+    ax.set_ylabel(f"prediction - ground truth ({unit})")
+    ax.set_title(f"Bland-Altman: {name} (n={diff.size})")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def overlay_montage(
+    image: np.ndarray,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    labels: Mapping[str, int],
+    title: str,
+    path: Path,
+    n_slices: int = 3,
+) -> None:
+    """Mid short-axis slices of ``image`` with ground-truth (green) and predicted (red, dashed) contours.
+
+    image: ``(X, Y, Z)`` float; gt, pred: ``(X, Y, Z)`` integer label maps. The slices are spread over
+    the middle of the ground truth's extent along Z (or of the stack if the ground truth is empty).
+    """
+    slices = _mid_slices(gt, n_slices)
+    fig = _figure(3.2 * len(slices), 3.6)
+    for i, z in enumerate(slices):
+        ax = fig.add_subplot(1, len(slices), i + 1)
+        # transpose: arrays are (X, Y) and imshow draws rows as the vertical axis
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
+        for value in labels.values():
+            for mask, colour, style in ((gt, _GT_COLOUR, "solid"), (pred, _PRED_COLOUR, "dashed")):
+                plane = (mask[:, :, z] == value).T.astype(np.float32)
+                if plane.any():
+                    ax.contour(plane, levels=[0.5], colors=colour, linestyles=style, linewidths=1.0)
+        ax.set_title(f"slice {z}", fontsize=9)
+        ax.set_axis_off()
+    handles = [
+        Line2D([], [], color=_GT_COLOUR, label="ground truth"),
+        Line2D([], [], color=_PRED_COLOUR, linestyle="--", label="prediction"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def _mid_slices(gt: np.ndarray, n: int) -> list[int]:
+    occupied = np.flatnonzero(gt.reshape(-1, gt.shape[2]).any(axis=0))
+    lo, hi = (occupied[0], occupied[-1]) if occupied.size else (0, gt.shape[2] - 1)
+    # quantiles inside the extent, e.g. 25/50/75 % for three slices
+    positions = np.linspace(lo, hi, n + 2)[1:-1] if hi > lo else np.full(n, lo)
+    return sorted({int(round(p)) for p in positions})[:n] or [int(lo)]
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
