@@ -1,0 +1,190 @@
+"""PyTorch datasets over cached, preprocessed volumes (see :mod:`seg_densenet.data.cache`).
+
+- :class:`SliceDataset`: 2D training slices cropped/padded to a fixed size, optionally augmented.
+- :class:`VolumeDataset`: whole volumes for validation and test, not cropped (the models accept any
+  size), so volume metrics cover the whole slice.
+- :class:`DiagnosisSliceDataset`: mid-ventricular slices labelled with the patient's diagnosis
+  group, for classification pretraining of the encoder (1 channel, like the segmentation input).
+- :class:`ImageFolderDataset`: the same classification items from a folder of class subfolders.
+
+Arrays are slices-first: ``(S, H, W)`` with ``H`` = X, ``W`` = Y and ``S`` = Z of the NIfTI volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from seg_densenet.data.acdc import LV_LABEL
+from seg_densenet.data.cache import CachedVolume
+from seg_densenet.data.preprocess import center_shift, place
+from seg_densenet.errors import DataError
+
+
+class _CachedArrays:
+    """Memory-mapped arrays of cached volumes, opened once per process."""
+
+    def __init__(self, entries: Sequence[CachedVolume]):
+        self.entries = list(entries)
+        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._open:
+            self._open[i] = self.entries[i].load(mmap=True)
+        return self._open[i]
+
+    def crop(self, i: int, z: int, size: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``z`` of entry ``i``, cropped/padded to ``size`` around the entry's label centre."""
+        image, mask = self.arrays(i)
+        img, msk = np.asarray(image[z], dtype=np.float32), np.asarray(mask[z])
+        if size is None:
+            return img, msk
+        # centring on the volume's labels (not each slice's) keeps the heart inside the crop while
+        # leaving its position natural, and is the same for every slice of a volume
+        shift = center_shift(img.shape, size, self.entries[i].label_center)
+        return place(img, size, shift, fill=float(img.min())), place(msk, size, shift, fill=0)
+
+
+class SliceDataset(Dataset):
+    """Training slices. Item: ``{"image": (1, H, W) float32, "mask": (H, W) int64, "case": "patient001_ED"}``.
+
+    crop_size: ``(H, W)`` of every item (``None``: keep each volume's size, batches then need equal
+    sizes); augment: a callable ``(image, mask) -> (image, mask)`` on numpy slices, e.g.
+    :class:`~seg_densenet.data.transforms.WorkerSeededAugment`.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[CachedVolume],
+        crop_size: Sequence[int] | None = None,
+        augment: Callable | None = None,
+    ):
+        self.store = _CachedArrays(entries)
+        self.crop_size = tuple(crop_size) if crop_size is not None else None
+        self.augment = augment
+        self.index = [(i, z) for i, e in enumerate(self.store.entries) for z in range(e.n_slices)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> dict:
+        i, z = self.index[k]
+        image, mask = self.store.crop(i, z, self.crop_size)
+        if self.augment is not None:
+            image, mask = self.augment(image, mask)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "mask": torch.from_numpy(np.asarray(mask, dtype=np.int64)),
+            "case": self.store.entries[i].name,
+        }
+
+
+class VolumeDataset(Dataset):
+    """Whole volumes for validation/test.
+
+    Item: ``{"image": (S, 1, H, W) float32, "mask": (S, H, W) int64, "spacing": (3,) float32 mm as
+    (sx, sy, sz) = (H, W, S) axes, "case": "patient001", "phase": "ED"}``.
+    """
+
+    def __init__(self, entries: Sequence[CachedVolume]):
+        self.store = _CachedArrays(entries)
+
+    def __len__(self) -> int:
+        return len(self.store.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        entry = self.store.entries[i]
+        image, mask = self.store.arrays(i)
+        case, _, phase = entry.name.rpartition("_")
+        return {
+            "image": torch.from_numpy(np.array(image, dtype=np.float32))[:, None],
+            "mask": torch.from_numpy(np.array(mask, dtype=np.int64)),
+            "spacing": torch.tensor(entry.meta.spacing, dtype=torch.float32),
+            "case": case,
+            "phase": phase,
+        }
+
+
+class DiagnosisSliceDataset(Dataset):
+    """Mid-ventricular slices labelled with the diagnosis group, for classification pretraining.
+
+    Of each volume's slices that contain the LV cavity, the middle half (at least one) is used:
+    those show the ventricles in cross-section, where the groups differ most; apical and basal
+    slices are ambiguous. Item: ``{"image": (1, H, W) float32, "label": int64 (index in GROUPS),
+    "case": "patient001_ED"}``.
+
+    labels: the group index of each entry.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[CachedVolume],
+        labels: Sequence[int],
+        crop_size: Sequence[int] | None = None,
+        augment: Callable | None = None,
+    ):
+        self.store = _CachedArrays(entries)
+        self.labels = [int(v) for v in labels]
+        self.crop_size = tuple(crop_size) if crop_size is not None else None
+        self.augment = augment
+        self.index = []
+        for i in range(len(self.store.entries)):
+            _, mask = self.store.arrays(i)
+            lv = [z for z in range(mask.shape[0]) if np.any(np.asarray(mask[z]) == LV_LABEL)]
+            cut = len(lv) // 4
+            self.index.extend((i, z) for z in lv[cut : len(lv) - cut])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> dict:
+        i, z = self.index[k]
+        image, mask = self.store.crop(i, z, self.crop_size)
+        if self.augment is not None:
+            image, _ = self.augment(image, mask)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "label": torch.tensor(self.labels[i], dtype=torch.int64),
+            "case": self.store.entries[i].name,
+        }
+
+
+class ImageFolderDataset(Dataset):
+    """Labelled images from ``root/<class>/<image>`` (torchvision ``ImageFolder``), as 1-channel slices.
+
+    Images are converted to grayscale, resized to ``image_size`` ``(H, W)`` and z-scored per image
+    (like the MRI slices). Item: ``{"image": (1, H, W) float32, "label": int64, "case": file path}``.
+    ``classes`` lists the class folder names in label order.
+    """
+
+    def __init__(self, root: str | Path, image_size: Sequence[int], indices: Sequence[int] | None = None):
+        from torchvision import datasets, transforms
+
+        steps = [
+            transforms.Grayscale(num_output_channels=1),
+            transforms.Resize(tuple(image_size)),
+            transforms.ToTensor(),
+        ]
+        try:
+            self.folder = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"{root}: cannot read the image folder ({exc})") from exc
+        self.classes = list(self.folder.classes)
+        self.indices = list(indices) if indices is not None else list(range(len(self.folder)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        j = self.indices[k]
+        image, label = self.folder[j]
+        image = (image - image.mean()) / image.std().clamp_min(1e-8)
+        return {
+            "image": image,
+            "label": torch.tensor(label, dtype=torch.int64),
+            "case": self.folder.samples[j][0],
+        }
