@@ -10,10 +10,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "conf"
 
 
+def first_existing(*paths: str) -> str:
+    """The first of ``paths`` that exists, else the last one (so the error names the usual place)."""
+    for path in paths:
+        if Path(path).exists():
+            return str(Path(path).resolve())
+    return str(paths[-1])
+
+
 def register_resolvers() -> None:
-    """Register the ``${sd.repo_root:}`` resolver (idempotent)."""
+    """Register ``${sd.repo_root:}`` and ``${sd.first_existing:a,b,...}`` (idempotent)."""
     if not OmegaConf.has_resolver("sd.repo_root"):
         OmegaConf.register_new_resolver("sd.repo_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("sd.first_existing"):
+        OmegaConf.register_new_resolver("sd.first_existing", first_existing)
 
 
 register_resolvers()

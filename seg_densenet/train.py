@@ -116,10 +116,11 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         freeze_encoder_epochs=stage_cfg.freeze_encoder_epochs, encoder_lr_mult=stage_cfg.encoder_lr_mult,
         freeze_encoder_bn=stage_cfg.freeze_encoder_bn, inference_batch_size=stage_cfg.inference_batch_size,
     )
-    return _fit(cfg, stage_cfg, module, datamodule, stage_dir)
+    return _fit(cfg, stage_cfg, module, datamodule, stage_dir, {"encoder_weights": encoder_weights})
 
 
-def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, datamodule, stage_dir: Path) -> dict:
+def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, datamodule, stage_dir: Path,
+         extra: dict | None = None) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = _callbacks(cfg, stage_cfg, stage_dir)
     loggers = [instantiate(c, save_dir=str(stage_dir)) for c in (cfg.get("logger") or {}).values() if c]
@@ -144,7 +145,7 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
     if cfg.get("test", True) and _has_test_data(datamodule):
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update(_scalars(test_metrics[0] if test_metrics else {}))
-    record = {"metrics": metrics, "best_checkpoint": best, "epochs": trainer.current_epoch}
+    record = {"metrics": metrics, "best_checkpoint": best, "epochs": trainer.current_epoch, **(extra or {})}
     if trainer.is_global_zero:
         atomic_write_text(stage_dir / STAGE_RECORD, json.dumps(record, indent=2) + "\n")
     return record
@@ -226,7 +227,8 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 def _has_test_data(datamodule) -> bool:
-    return hasattr(datamodule, "test_dataloader") and getattr(datamodule, "has_test", True)
+    # LightningDataModule's own test_dataloader only raises: a datamodule has test data if it overrides it
+    return type(datamodule).test_dataloader is not pl.LightningDataModule.test_dataloader
 
 
 def _scalars(metrics) -> dict[str, float]:

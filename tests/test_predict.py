@@ -1,0 +1,121 @@
+"""Prediction to NIfTI with the input's geometry, and ONNX export, through the real CLIs."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from seg_densenet.config import REPO_ROOT
+from tests.conftest import run_cli
+
+
+def _predict(args: list[str]):
+    return run_cli(["-m", "seg_densenet.predict", *args])
+
+
+def test_predict_acdc_tree_mirrors_input_and_keeps_geometry(trained_ckpt, synthetic_root, tmp_path):
+    out = tmp_path / "pred"
+    result = _predict([f"ckpt={trained_ckpt}", f"input={synthetic_root}", f"output={out}", "batch_size=4"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    images = sorted(p for p in synthetic_root.rglob("*.nii.gz") if not p.name.endswith("_gt.nii.gz"))
+    assert images
+    for image in images:
+        rel = image.relative_to(synthetic_root)
+        pred = out / rel.parent / image.name.replace(".nii.gz", "_pred.nii.gz")
+        assert pred.is_file(), pred
+        src, got = nib.load(image), nib.load(pred)
+        assert got.shape == src.shape
+        assert got.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(got.affine, src.affine, atol=1e-6)
+        np.testing.assert_allclose(got.header.get_zooms(), src.header.get_zooms(), atol=1e-6)
+        assert int(got.header["qform_code"]) == int(src.header["qform_code"])
+        assert set(np.unique(np.asarray(got.dataobj))) <= {0, 1, 2, 3}
+    assert not list(out.rglob("*_gt_pred.nii.gz"))  # ground truth is not an input
+
+
+def test_predict_options_tta_lcc_mc_dropout_probs(trained_ckpt, synthetic_root, tmp_path):
+    image = next(synthetic_root.glob("patient001/patient001_frame01.nii.gz"))
+    out = tmp_path / "pred"
+    result = _predict([f"ckpt={trained_ckpt}", f"input={image}", f"output={out}", "tta=true", "postprocess=lcc",
+                       "mc_samples=3", "save_probs=true", "device=cpu", "precision=bf16"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    shape = nib.load(image).shape
+    unc = nib.load(out / "patient001_frame01_uncertainty.nii.gz")
+    probs = nib.load(out / "patient001_frame01_probs.nii.gz")
+    assert unc.shape == shape and probs.shape == (*shape, 4)
+    p = np.asarray(probs.dataobj)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-3)
+    entropy = np.asarray(unc.dataobj)
+    assert entropy.min() >= 0 and entropy.max() <= np.log(4) + 1e-4
+
+
+def test_largest_connected_component_keeps_one_blob_per_structure():
+    from seg_densenet.predict import largest_connected_components
+
+    labels = np.zeros((20, 20, 5), np.uint8)
+    labels[2:8, 2:8, 1:4] = 3
+    labels[15:17, 15:17, 2] = 3  # a small island of LV
+    labels[10:12, 2:6, 1:3] = 1
+    out = largest_connected_components(labels)
+    assert (out[15:17, 15:17, 2] == 0).all()
+    assert (out[2:8, 2:8, 1:4] == 3).all() and (out[10:12, 2:6, 1:3] == 1).all()
+
+
+def test_predict_never_writes_over_its_input(trained_ckpt, synthetic_root, tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    src = folder / "scan.nii.gz"
+    shutil.copy(synthetic_root / "patient002" / "patient002_frame01.nii.gz", src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    result = _predict([f"ckpt={trained_ckpt}", f"input={folder}", f"output={folder}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    assert (folder / "scan_pred.nii.gz").is_file()
+    # predicting the same folder again skips the earlier outputs and still leaves the input alone
+    result = _predict([f"ckpt={trained_ckpt}", f"input={folder}", f"output={folder}"])
+    assert result.returncode == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["scan.nii.gz", "scan_pred.nii.gz"]
+
+
+def test_prediction_killed_midway_leaves_no_partial_mask(trained_ckpt, synthetic_root, tmp_path):
+    out = tmp_path / "pred"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={synthetic_root}",
+         f"output={out}", "batch_size=1", "tta=true"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(out.rglob("*_pred.nii.gz")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    if proc.poll() is not None:
+        pytest.fail("prediction finished before it could be killed; make it slower")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = list(out.rglob("*_pred.nii.gz"))
+    assert written
+    for path in written:
+        np.asarray(nib.load(path).dataobj)  # every visible mask is complete and readable
+    n_images = len([p for p in synthetic_root.rglob("*.nii.gz") if not p.name.endswith("_gt.nii.gz")])
+    assert len(written) < n_images
+
+
+def test_export_onnx_matches_pytorch(trained_ckpt, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = run_cli(["-m", "seg_densenet.export", f"ckpt={trained_ckpt}", "format=onnx", f"output={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.is_file() and "max difference" in result.stdout
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for shape in [(1, 1, 64, 64), (3, 1, 97, 131)]:  # dynamic batch and image size
+        logits = session.run(None, {"image": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})[0]
+        assert logits.shape == (shape[0], 4, *shape[2:])

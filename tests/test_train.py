@@ -1,0 +1,221 @@
+"""The training app: config tree, tasks, pipeline hand-off, and the real CLI end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from seg_densenet.config import CONFIG_DIR, REPO_ROOT
+from seg_densenet.train import train
+from tests.conftest import quick_overrides, run_cli
+
+GROUPS = ("task", "model", "data", "optim", "scheduler", "trainer", "callbacks", "logger", "experiment",
+          "hparams_search", "debug")
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_help_lists_groups_and_cfg_job_prints_config():
+    result = run_cli(["-m", "seg_densenet.train", "--help"])
+    assert result.returncode == 0, result.stderr
+    for group in GROUPS:
+        assert f"{group}:" in result.stdout
+    for option in ("pipeline", "classify", "segment", "dense_unet", "fc_densenet103", "synthetic_quick"):
+        assert option in result.stdout
+    result = run_cli(["-m", "seg_densenet.train", "--cfg", "job", "model=fc_densenet56"])
+    assert result.returncode == 0, result.stderr
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg.model.name == "fc_densenet56" and cfg.task.name == "pipeline"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_composes_and_instantiates(group, compose_cfg, tmp_path):
+    options = _options(group)
+    assert options, f"conf/{group}/ is empty"
+    for option in options:
+        cfg = compose_cfg([f"{group}={option}"])
+        resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        assert resolved["task"]["stages"]
+        if group == "model":
+            net = instantiate(cfg.model)
+            assert isinstance(net, torch.nn.Module)
+        elif group == "data":
+            dm = instantiate(cfg.data)
+            assert hasattr(dm, "train_dataloader")
+        elif group == "optim":
+            opt = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(1))])
+            assert isinstance(opt, torch.optim.Optimizer)
+        elif group == "scheduler" and cfg.scheduler.scheduler is not None:
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+            factory = instantiate(cfg.scheduler.scheduler)
+            kwargs = {"total_steps": 10} if "total_steps" in factory.func.__code__.co_varnames else {}
+            factory(opt, **kwargs).step()
+        elif group == "trainer":
+            trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu", "devices": 1, "strategy": "auto"})
+            instantiate(trainer_cfg, logger=False, enable_checkpointing=False)
+        elif group == "callbacks":
+            for cb in (cfg.callbacks or {}).values():
+                instantiate(cb)
+        elif group == "logger":
+            for lg in (cfg.logger or {}).values():
+                instantiate(lg, save_dir=str(tmp_path))
+
+
+def test_slurm_launcher_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == 1
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "pipeline"])
+def test_fast_dev_run_of_each_task(task, compose_cfg, tmp_path, synthetic_root):
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), f"task={task}", "debug=fast_dev_run"])
+    metrics = train(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["task"] == task
+    assert summary["metrics"] == pytest.approx(metrics, nan_ok=True)
+    key = "val/acc" if task == "classify" else "val/dice"
+    assert key in metrics and 0.0 <= metrics[key] <= 1.0
+
+
+def test_pipeline_hands_stage1_weights_to_the_encoder(compose_cfg, tmp_path, synthetic_root):
+    cfg = compose_cfg(quick_overrides(tmp_path, synthetic_root))
+    train(cfg)
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    stage1_ckpt = Path(summary["stages"]["classify"]["best_checkpoint"])
+    assert stage1_ckpt.parent.parent == run / "stage1_classify"
+    assert (run / "stage2_segment" / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "stage2_segment" / "split.json").is_file()
+    assert "test/dice" in summary["metrics"] and "val/dice_best" in summary["metrics"]
+    # the stage-2 record names the stage-1 checkpoint it started from ...
+    record = json.loads((run / "stage2_segment" / "stage.json").read_text())
+    assert record["encoder_weights"] == str(stage1_ckpt)
+    # ... and the encoder built that way holds exactly the stage-1 classifier's features
+    classifier_state = torch.load(stage1_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    net = instantiate(cfg.model, encoder_weights=str(stage1_ckpt))
+    encoder_state = net.encoder.state_dict()
+    compared = 0
+    for key, value in classifier_state.items():
+        if key.startswith("model.features."):
+            enc_key = next(k for k in encoder_state if k.endswith(key.removeprefix("model.")))
+            torch.testing.assert_close(encoder_state[enc_key], value, rtol=0, atol=0)
+            compared += 1
+    assert compared > 20
+
+
+def test_same_seed_gives_identical_metrics(compose_cfg, tmp_path, synthetic_root):
+    overrides = [*quick_overrides(tmp_path, synthetic_root), "task=segment", "test=false"]
+    first = train(compose_cfg(overrides, tmp_path / "a"))
+    second = train(compose_cfg(overrides, tmp_path / "b"))
+    assert first["val/dice"] == second["val/dice"]
+    assert first["train/loss"] == second["train/loss"]
+
+
+def test_bf16_mixed_precision_on_cpu(compose_cfg, tmp_path, synthetic_root):
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "debug=fast_dev_run",
+                       "trainer.precision=bf16-mixed"])
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.slow
+def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
+    run = tmp_path / "run"
+    result = run_cli(["-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "pipeline" and summary["output_dir"] == str(run)
+    assert set(summary) >= {"task", "metrics", "best_checkpoint", "output_dir", "wall_time_s"}
+    for stage in ("stage1_classify", "stage2_segment"):
+        assert (run / stage / "checkpoints" / "last.ckpt").is_file()
+        assert (run / stage / "csv" / "metrics.csv").is_file()
+    assert (run / ".hydra" / "config.yaml").is_file()
+    assert "final summary" in result.stdout and "best checkpoint" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_job_multirun(tmp_path, synthetic_root):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "seg_densenet.train", "-m", *quick_overrides(tmp_path, synthetic_root), "task=segment",
+                      "optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = [json.loads((j / "summary.json").read_text()) and OmegaConf.load(j / ".hydra" / "config.yaml").optim.lr
+           for j in jobs]
+    assert lrs == [1e-3, 3e-4]
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_with_two_processes(tmp_path, synthetic_root):
+    run = tmp_path / "run"
+    result = run_cli(["-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), "task=segment",
+                      "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stdout + result.stderr or "GLOBAL_RANK: 1" in result.stdout + result.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert "val/dice" in summary["metrics"]
+    # the child process wrote into the same run directory, not a new one
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_to_the_same_final_epoch(tmp_path, synthetic_root):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), "task=segment",
+            "trainer.max_epochs=4", "test=false", f"hydra.run.dir={run}"]
+    last = run / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and _logged_epochs(run) >= {0}:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists()
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert killed_at < 3
+    result = run_cli(["-m", "seg_densenet.train", *args[3:], "ckpt_path=last"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["output_dir"] == str(run)
+    assert _logged_epochs(run) == {0, 1, 2, 3}
+
+
+def _logged_epochs(run: Path) -> set[int]:
+    path = run / "csv" / "metrics.csv"
+    if not path.is_file():
+        return set()
+    with path.open() as f:
+        return {int(float(row["epoch"])) for row in csv.DictReader(f) if row.get("val/dice")}
+
+
+def test_unknown_task_stage_is_a_config_error(compose_cfg, tmp_path, synthetic_root):
+    from seg_densenet.errors import ConfigError
+
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task.stages=[pretrain]"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        train(cfg)
+
+
+def test_repo_root_is_the_checkout():
+    assert (REPO_ROOT / "conf" / "config.yaml").is_file()
