@@ -32,6 +32,7 @@ from seg_densenet.evaluation.cases import PHASES, FramePair, find_frames
 from seg_densenet.evaluation.clinical import ACDC_LABELS, indices_from_volumes, structure_volumes_ml
 from seg_densenet.evaluation.metrics import label_metrics
 from seg_densenet.utils.atomic import refuse_overwrite_of_inputs
+from seg_densenet.utils.cli import check_overrides
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference between prediction and ground-truth affine entries that counts as equal (mm)."""
@@ -154,6 +155,7 @@ def _hydra_app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console-script entry point: user errors print ``error: <message>`` and exit with code 2."""
+    check_overrides("evaluate")
     try:
         _hydra_app()
     except _UserError as exc:

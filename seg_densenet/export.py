@@ -18,7 +18,7 @@ from seg_densenet import config as _config  # noqa: F401
 from seg_densenet.checkpoint import load_model
 from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.utils.atomic import atomic_path
-from seg_densenet.utils.cli import run_cli
+from seg_densenet.utils.cli import check_overrides, run_cli
 
 FORMATS = ("onnx",)
 
@@ -67,6 +67,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_overrides("export")
     _hydra_main()
 
 

@@ -27,7 +27,7 @@ from seg_densenet.data.nifti import Volume, load_volume, save_volume
 from seg_densenet.data.preprocess import GridMeta, Preprocessor
 from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
 from seg_densenet.utils.atomic import atomic_path
-from seg_densenet.utils.cli import run_cli
+from seg_densenet.utils.cli import check_overrides, run_cli
 
 log = logging.getLogger("seg_densenet.predict")
 
@@ -240,6 +240,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_overrides("predict")
     _hydra_main()
 
 

@@ -25,7 +25,7 @@ from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.classification import ClassificationModule
 from seg_densenet.lit.segmentation import SegmentationModule
 from seg_densenet.utils.atomic import atomic_write_text
-from seg_densenet.utils.cli import run_cli
+from seg_densenet.utils.cli import check_overrides, run_cli
 from seg_densenet.utils.ddp import patch_lightning_hydra_launcher, release_ddp_children
 
 log = logging.getLogger("seg_densenet.train")
@@ -278,6 +278,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    check_overrides("config")
     _hydra_main()
 
 

@@ -41,7 +41,7 @@ def quick_overrides(tmp_path: Path, synthetic_root: Path) -> list[str]:
         "data.crop_size=[64,64]",
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2",
-        "trainer.enable_model_summary=false",
+        "+trainer.enable_model_summary=false",
     ]
 
 

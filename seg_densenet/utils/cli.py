@@ -1,10 +1,14 @@
-"""How the command-line apps report user errors: one line, non-zero exit, no traceback."""
+"""How the command-line apps report user errors: one line, non-zero exit, no traceback.
+
+``HYDRA_FULL_ERROR=1`` shows the full traceback instead, as Hydra does for its own errors.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from seg_densenet.errors import SegDenseNetError
@@ -12,16 +16,67 @@ from seg_densenet.errors import SegDenseNetError
 EXIT_USER_ERROR = 2
 
 
-def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn``; a :class:`SegDenseNetError` prints ``error: <message>`` and exits with status 2.
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
-    ``HYDRA_FULL_ERROR=1`` re-raises instead, so the full traceback is shown.
-    """
+
+def user_error(exc: BaseException) -> SegDenseNetError | None:
+    """The :class:`SegDenseNetError` behind ``exc`` (Hydra's instantiate wraps errors it calls into)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SegDenseNetError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def fail(message: str) -> None:
+    """Print ``error: <message>`` as one line on stderr and exit with status 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; a user error (a :class:`SegDenseNetError`, possibly wrapped) prints one line and
+    exits with status 2."""
     try:
         return fn(*args, **kwargs)
-    except SegDenseNetError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as exc:
+        err = user_error(exc)
+        if err is None or _full_error():
             raise
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        fail(str(err))
+
+
+def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
+    """Compose the config with the command line's overrides once before Hydra runs, so that a typo or
+    an unknown option is reported on one line (Hydra's own report spans several lines).
+
+    Skipped for ``--help``, ``--cfg``, multiruns and anything else that is not a plain run.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from seg_densenet.config import CONFIG_DIR
+
+    argv = sys.argv[1:] if argv is None else argv
+    if _full_error() or any(a.startswith("-") for a in argv):
+        return
+    overrides = [a for a in argv if not a.startswith("hydra.") and not a.startswith("hydra/")]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+        missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
+        if missing:
+            fail(f"missing required setting(s): {', '.join(f'{k}=...' for k in missing)}")
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        text = text.split(" Config search path")[0]  # Hydra's search-path dump says nothing about the error
+        fail(f"config ({Path(CONFIG_DIR, config_name + '.yaml')}): {text}")
+    finally:
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
