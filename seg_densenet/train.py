@@ -51,6 +51,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("stage %d/%d (%s): already finished in %s, reusing it", index, len(stages), stage, stage_dir)
         else:
             log.info("stage %d/%d (%s): output in %s", index, len(stages), stage, stage_dir)
+            if cfg.get("seed") is not None:
+                # seeded per stage, so a stage gives the same result whether or not an earlier one ran
+                pl.seed_everything(cfg.seed, workers=True)
             if stage == "classify":
                 record = _run_classification(cfg, stage_dir)
             elif stage == "segment":

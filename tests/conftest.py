@@ -40,8 +40,8 @@ def quick_overrides(tmp_path: Path, synthetic_root: Path) -> list[str]:
         "data.num_workers=0",
         "data.crop_size=[64,64]",
         "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        "+trainer.enable_model_summary=false",
+        "++trainer.limit_train_batches=2",
+        "++trainer.enable_model_summary=false",
     ]
 
 

@@ -179,7 +179,7 @@ def test_full_traceback_with_hydra_full_error(tmp_path, synthetic_root):
 # -- numerical guard --------------------------------------------------------------------------------
 def test_non_finite_loss_stops_training_without_checkpoints(tmp_path, dataset):
     result = _train(tmp_path, dataset, "optim=sgd", "optim.lr=1e30", "scheduler=none", "trainer.max_epochs=2",
-                    "+trainer.limit_train_batches=4")
+                    "++trainer.limit_train_batches=4")
     line = _assert_one_line_error(result, "non-finite loss", "step", "patient")
     assert "batch cases" in line
     assert not list((tmp_path / "run").rglob("*.ckpt"))

@@ -42,8 +42,9 @@ def make_split(
     test = [name for i, name in enumerate(ordered) if i % n_folds == fold]
     test_set = set(test)
     rest = _stratified_order({n: g for n, g in groups.items() if n not in test_set}, rng)
-    # systematic sampling over the stratum-ordered list: floor(N * f) patients, proportional per group
-    val = [name for i, name in enumerate(rest) if int((i + 1) * val_fraction) > int(i * val_fraction)]
+    # systematic sampling over the stratum-ordered list: round(N * f) patients, proportional per group
+    # (rounded, not floored, so that a small dataset still gets a validation patient)
+    val = [name for i, name in enumerate(rest) if int((i + 1) * val_fraction + 0.5) > int(i * val_fraction + 0.5)]
     val_set = set(val)
     train = [name for name in rest if name not in val_set]
     return {

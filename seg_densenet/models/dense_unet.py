@@ -1,0 +1,221 @@
+"""DenseUNet: this project's DenseNet classifier as a U-Net encoder with an FC-DenseNet-style decoder.
+
+Encoder: :class:`DenseNetEncoder` is the classifier's feature extractor (same ``features.*`` keys, no
+classifier), so a torchvision DenseNet file or a classification checkpoint of this project loads into it.
+It returns five maps at strides 2, 4, 8, 16, 32 (DenseNet-121: 64, 256, 512, 1024, 1024 channels): after
+``relu0``, after dense blocks 1-3, after ``norm5`` + ReLU.
+
+Decoder: :class:`DenseDecoder` climbs back one stride-2 step per stage, 32 -> 16 -> 8 -> 4 -> 2 -> 1. Each
+stage upsamples (3x3 stride-2 transposed conv, or bilinear resize + 3x3 conv) to the skip's exact size,
+concatenates the skip, and runs a dense block of BN-ReLU-3x3 conv-dropout layers that passes on only its
+new maps. The last stage has no skip (it reaches the input resolution) and keeps its whole stack.
+
+Head: :class:`SegmentationHead`, BN-ReLU-1x1 conv to logits at the input's H and W.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from seg_densenet.errors import ConfigError
+from seg_densenet.models.densenet import DENSENET_CONFIGS, DenseNet
+from seg_densenet.models.layers import BilinearUp, DenseBlock, TransposedUp, init_weights, set_mc_dropout
+from seg_densenet.models.weights import load_pretrained
+
+UPSAMPLE_MODES = {"transposed": TransposedUp, "bilinear": BilinearUp}
+
+
+class DenseNetEncoder(DenseNet):
+    """The DenseNet classifier without its classifier; ``forward`` returns the five encoder taps.
+
+    Being a :class:`DenseNet` (built with ``num_classes=0``), its state-dict keys are the classifier's
+    ``features.*`` keys, so classification weights load unchanged.
+
+    Args:
+        name: ``densenet121``, ``densenet169``, ``densenet201`` or ``densenet161``.
+        in_channels: image channels.
+        weights: optional local weights file for :func:`load_pretrained` (torchvision ``.pth``, this
+            project's classification ``.ckpt``, safetensors); a 3-channel stem is summed to 1 channel.
+        memory_efficient: recompute concat + BN + ReLU of the dense layers in backward.
+        **overrides: architecture overrides (``growth_rate``, ``block_config``, ``num_init_features``, ...).
+
+    Forward: ``(B, in_channels, H, W)`` -> list of 5 maps ``(B, feature_channels[i], H_i, W_i)``, strides
+    ``feature_strides`` = 2, 4, 8, 16, 32 (sizes round up at the stem, down at transitions).
+    """
+
+    def __init__(
+        self,
+        name: str = "densenet121",
+        in_channels: int = 1,
+        weights: str | None = None,
+        memory_efficient: bool = False,
+        **overrides,
+    ) -> None:
+        if name not in DENSENET_CONFIGS:
+            raise ConfigError(
+                f"unknown DenseUNet encoder {name!r}; valid names: {', '.join(DENSENET_CONFIGS)}"
+            )
+        if overrides.get("stem", "imagenet") != "imagenet":
+            raise ConfigError("DenseUNet encoder needs stem='imagenet' (taps at strides 2, 4, 8, 16, 32)")
+        config = {**DENSENET_CONFIGS[name], **overrides}
+        super().__init__(**config, in_channels=in_channels, num_classes=0, memory_efficient=memory_efficient)
+        if len(self.feature_channels) != 5:
+            raise ConfigError(
+                f"DenseUNet encoder needs 4 dense blocks (5 taps), got block_config={list(config['block_config'])}"
+            )
+        if weights is not None:
+            load_pretrained(self, weights)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.forward_features(x)
+
+
+class DenseDecoder(nn.Module):
+    """Dense-block decoder built from the encoder's channel plan.
+
+    Args:
+        encoder_channels: channels of the encoder taps, high to low resolution (e.g. 64, 256, 512, 1024,
+            1024). The last is the bottleneck; the others are skips.
+        decoder_layers: dense layers per stage, deep to shallow, one per stride-2 step (len(encoder
+            channels) entries: one per skip plus the full-resolution stage; 0 makes a stage upsample only).
+        growth_rate: k of the decoder's dense layers.
+        upsample: ``"transposed"`` (3x3 stride-2 transposed conv, cropped) or ``"bilinear"`` (resize + 3x3
+            conv); both land on the skip's exact size.
+        drop_rate: dropout after each decoder conv.
+        memory_efficient: checkpoint each dense layer's concat-BN-ReLU-conv while training.
+
+    Widths: stage i's upsampling outputs ``growth_rate * max(decoder_layers[i], 1)`` maps, as many as its
+    dense block adds (so stage 0 compresses the 1024-map bottleneck of DenseNet-121 right away, and a
+    0-layer last stage carries only k maps at full resolution). Stages with a skip pass on only their new
+    maps; the last stage passes on its whole stack, ``out_channels`` maps.
+
+    Forward: list of encoder maps plus the output size (H, W) -> ``(B, out_channels, H, W)``.
+    """
+
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        decoder_layers: Sequence[int] = (4, 4, 4, 4, 0),
+        growth_rate: int = 16,
+        upsample: str = "transposed",
+        drop_rate: float = 0.0,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        decoder_layers = [int(n) for n in decoder_layers]
+        if len(decoder_layers) != len(encoder_channels):
+            raise ConfigError(
+                f"decoder_layers needs {len(encoder_channels)} entries (one per stride-2 step), got {decoder_layers}"
+            )
+        if upsample not in UPSAMPLE_MODES:
+            raise ConfigError(f"unknown upsample {upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
+        if any(n < 0 for n in decoder_layers):
+            raise ConfigError(f"decoder_layers must be >= 0, got {decoder_layers}")
+        up_class = UPSAMPLE_MODES[upsample]
+        skip_channels = [*reversed(encoder_channels[:-1]), 0]  # the full-resolution stage has no skip
+        num_features = encoder_channels[-1]
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        for i, (num_layers, skip) in enumerate(zip(decoder_layers, skip_channels)):
+            width = growth_rate * max(num_layers, 1)
+            last = i == len(decoder_layers) - 1
+            self.ups.append(up_class(num_features, width))
+            block = DenseBlock(width + skip, num_layers, growth_rate, drop_rate, last, memory_efficient)
+            self.blocks.append(block)
+            num_features = block.num_output_features
+        self.out_channels = num_features
+
+    def forward(self, features: list[Tensor], size: tuple[int, int] | torch.Size) -> Tensor:
+        """``features``: encoder maps high to low resolution; ``size``: (H, W) of the logits."""
+        x = features[-1]
+        targets = [f.shape[-2:] for f in reversed(features[:-1])] + [size]
+        skips = [*reversed(features[:-1]), None]
+        for up, block, target, skip in zip(self.ups, self.blocks, targets, skips):
+            x = up(x, target)
+            x = block(x if skip is None else torch.cat([x, skip], 1))
+        return x
+
+
+class SegmentationHead(nn.Module):
+    """BN-ReLU-1x1 conv: ``(B, in_channels, H, W)`` decoder maps -> ``(B, num_classes, H, W)`` logits.
+
+    The decoder's last maps are raw conv outputs, so they are normalised and rectified first, as the
+    DenseNet classifier does with ``norm5`` before its linear layer.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.relu(self.norm(x)))
+
+
+class DenseUNet(nn.Module):
+    """U-Net with a DenseNet encoder and a dense-block decoder; wires encoder, decoder and head.
+
+    Args:
+        encoder: ``densenet121`` | ``densenet169`` | ``densenet201`` | ``densenet161``.
+        in_channels: image channels (1 for cine MRI).
+        num_classes: output classes (4 for ACDC: background, RV, myocardium, LV).
+        encoder_weights: optional local weights file for the encoder (see :class:`DenseNetEncoder`).
+        encoder_params: optional architecture overrides for the encoder, e.g.
+            ``{"growth_rate": 12, "block_config": [2, 4, 8, 6], "num_init_features": 24}``.
+        decoder_layers: dense layers per decoder stage, deep (stride 16) to shallow (stride 1).
+        decoder_growth_rate: k of the decoder's dense layers.
+        upsample: ``"transposed"`` or ``"bilinear"``.
+        drop_rate: dropout in the decoder (the encoder keeps the classifier's architecture, no dropout).
+        memory_efficient: memory-efficient dense layers in encoder and decoder (same outputs and
+            gradients, less memory, slower).
+        mc_dropout: keep the decoder's dropout active in eval mode (Monte-Carlo dropout).
+
+    Forward: ``(B, in_channels, H, W)`` float -> logits ``(B, num_classes, H, W)``, any H, W >= 32.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "densenet121",
+        in_channels: int = 1,
+        num_classes: int = 4,
+        encoder_weights: str | None = None,
+        encoder_params: dict | None = None,
+        decoder_layers: Sequence[int] = (4, 4, 4, 4, 0),
+        decoder_growth_rate: int = 16,
+        upsample: str = "transposed",
+        drop_rate: float = 0.0,
+        memory_efficient: bool = False,
+        mc_dropout: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = DenseNetEncoder(
+            encoder, in_channels, encoder_weights, memory_efficient, **dict(encoder_params or {})
+        )
+        self.decoder = DenseDecoder(
+            self.encoder.feature_channels,
+            decoder_layers,
+            decoder_growth_rate,
+            upsample,
+            drop_rate,
+            memory_efficient,
+        )
+        self.head = SegmentationHead(self.decoder.out_channels, num_classes)
+        init_weights(self.decoder)
+        init_weights(self.head)
+        self.enable_mc_dropout(mc_dropout)
+
+    def enable_mc_dropout(self, flag: bool = True) -> None:
+        """Keep (``True``) or stop keeping (``False``) the decoder's dropout active in eval mode."""
+        set_mc_dropout(self, flag)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, H, W)`` -> logits ``(B, num_classes, H, W)``."""
+        if x.shape[-2] < 32 or x.shape[-1] < 32:
+            raise ValueError(
+                f"DenseUNet needs H and W >= 32, got {tuple(x.shape[-2:])}; pad the image to 32x32"
+            )
+        return self.head(self.decoder(self.encoder(x), x.shape[-2:]))

@@ -1,0 +1,191 @@
+"""Building blocks shared by the segmentation networks (FC-DenseNet, DenseUNet decoder).
+
+The dense layer here is the FC-DenseNet one (Jégou et al. 2017): BN-ReLU-3x3 conv (k maps)-dropout,
+without the 1x1 bottleneck of the classification DenseNet. A :class:`DenseBlock` either passes on its
+whole stack (input + new maps) or only the maps it produced, which is what keeps the up path of
+FC-DenseNet (and the DenseUNet decoder) from growing without bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import Tensor, nn
+
+
+class MCDropout(nn.Dropout):
+    """Element-wise dropout that can stay active in eval mode (Monte-Carlo dropout).
+
+    With ``mc=True`` the layer drops activations even after ``model.eval()``, so repeated forward
+    passes sample from the approximate posterior (Gal & Ghahramani 2016); prediction uses the spread
+    of those samples as an uncertainty map.
+    """
+
+    def __init__(self, p: float = 0.0, mc: bool = False) -> None:
+        super().__init__(p=p)
+        self.mc = mc
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, self.training or self.mc, self.inplace)
+
+
+def set_mc_dropout(module: nn.Module, flag: bool = True) -> None:
+    """Switch Monte-Carlo dropout on or off in every :class:`MCDropout` below ``module``."""
+    for m in module.modules():
+        if isinstance(m, MCDropout):
+            m.mc = flag
+
+
+def center_crop(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Crop the last two dims of ``x`` (…, H, W) to ``size`` (h, w) around the centre; h <= H, w <= W."""
+    h, w = int(size[0]), int(size[1])
+    top = (x.shape[-2] - h) // 2
+    left = (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-3x3 conv producing ``growth_rate`` maps, then dropout.
+
+    Input is the list of maps seen so far; they are concatenated here so that memory-efficient mode
+    can recompute the concatenation and BN output (the largest tensors) in backward instead of storing
+    them (``torch.utils.checkpoint``, non-reentrant). Dropout stays outside the checkpoint.
+    """
+
+    def __init__(
+        self, num_input_features: int, growth_rate: int, drop_rate: float, memory_efficient: bool
+    ) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, padding=1, bias=True)
+        self.drop = MCDropout(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    @contextlib.contextmanager
+    def _recomputation(self) -> Iterator[None]:
+        """Context of the backward-time recomputation: BN must give the same batch statistics but not
+        move its running statistics (or batch counter) a second time."""
+        norm = self.norm
+        momentum, tracked = norm.momentum, norm.num_batches_tracked.clone()
+        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+        try:
+            yield
+        finally:
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(tracked)
+
+    def _cat_norm_relu_conv(self, *features: Tensor) -> Tensor:
+        return self.conv(self.relu(self.norm(torch.cat(features, 1))))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """(B, C_i, H, W) maps -> (B, growth_rate, H, W)."""
+        params = (self.norm.weight, self.norm.bias, self.conv.weight)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*features, *params))
+        if self.memory_efficient and needs_grad:
+            out = cp.checkpoint(
+                self._cat_norm_relu_conv,
+                *features,
+                use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), self._recomputation()),
+            )
+        else:
+            out = self._cat_norm_relu_conv(*features)
+        return self.drop(out)
+
+
+class DenseBlock(nn.Module):
+    """``num_layers`` dense layers, each seeing the block input and all earlier layers' maps.
+
+    Args:
+        num_input_features: channels of the block input.
+        num_layers: number of dense layers (each adds ``growth_rate`` maps).
+        growth_rate: k, maps produced per layer.
+        drop_rate: dropout probability after each conv.
+        keep_input: if True return input + new maps (down path, last up block), else only the
+            ``num_layers * growth_rate`` new maps (up path; avoids the channel explosion).
+        memory_efficient: checkpoint the concat-BN-ReLU-conv of each layer while training.
+    """
+
+    def __init__(
+        self,
+        num_input_features: int,
+        num_layers: int,
+        growth_rate: int,
+        drop_rate: float = 0.0,
+        keep_input: bool = True,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        self.keep_input = keep_input
+        self.num_new_features = num_layers * growth_rate
+        self.num_output_features = self.num_new_features + (num_input_features if keep_input else 0)
+        self.layers = nn.ModuleList(
+            _DenseLayer(num_input_features + i * growth_rate, growth_rate, drop_rate, memory_efficient)
+            for i in range(num_layers)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, num_output_features, H, W)."""
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features if self.keep_input else features[1:], 1)
+
+
+class TransitionDown(nn.Module):
+    """BN-ReLU-1x1 conv (same width)-dropout-2x2 max pool: (B, C, H, W) -> (B, C, H//2, W//2)."""
+
+    def __init__(self, num_features: int, drop_rate: float) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_features, num_features, kernel_size=1, bias=True)
+        self.drop = MCDropout(drop_rate)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.drop(self.conv(self.relu(self.norm(x)))))
+
+
+class TransposedUp(nn.Module):
+    """3x3 stride-2 transposed conv, cropped to the skip's exact size.
+
+    A 3x3, stride-2, unpadded transposed conv maps H to 2H+1, which covers every skip size a
+    stride-2 downsampling can leave behind (2H-1, 2H, 2H+1), so a centre crop matches odd sizes too.
+    (B, C_in, h, w) -> (B, C_out, H, W) with (H, W) = ``size``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=3, stride=2, bias=True)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+        return center_crop(self.conv(x), size)
+
+
+class BilinearUp(nn.Module):
+    """Bilinear resize to the skip's exact size, then 3x3 conv: (B, C_in, h, w) -> (B, C_out, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=True)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+
+
+def init_weights(module: nn.Module) -> None:
+    """He-uniform convs with zero bias, unit-gamma BN (the FC-DenseNet paper's HeUniform init)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

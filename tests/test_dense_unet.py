@@ -1,0 +1,161 @@
+"""DenseUNet (DenseNet encoder + dense-block decoder) and the smp U-Net baseline: shapes, weights, modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from seg_densenet.errors import CheckpointError, ConfigError
+from seg_densenet.models import DenseUNet, build_densenet, smp_unet
+
+SMALL = {"growth_rate": 4, "block_config": [1, 2, 2, 1], "num_init_features": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one intra-op thread than on two, and stay fast on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small(**kw) -> DenseUNet:
+    args = dict(encoder_params=SMALL, decoder_layers=(2, 2, 1, 1, 1), decoder_growth_rate=4)
+    return DenseUNet(**{**args, **kw})
+
+
+@pytest.mark.parametrize(
+    "in_channels, num_classes, size, upsample",
+    [
+        (1, 2, (64, 64), "transposed"),
+        (1, 4, (97, 131), "transposed"),
+        (1, 4, (97, 131), "bilinear"),
+        (3, 2, (45, 38), "bilinear"),
+        (3, 4, (33, 63), "transposed"),
+    ],
+)
+def test_forward_backward_grid(in_channels, num_classes, size, upsample):
+    torch.manual_seed(0)
+    model = small(in_channels=in_channels, num_classes=num_classes, upsample=upsample, drop_rate=0.1)
+    x = torch.randn(2, in_channels, *size, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, num_classes, *size)
+    out.square().mean().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_encoder_taps_and_decoder_plan_of_densenet121():
+    model = DenseUNet("densenet121", in_channels=1, num_classes=4)
+    assert model.encoder.feature_channels == [64, 256, 512, 1024, 1024]
+    assert model.encoder.feature_strides == [2, 4, 8, 16, 32]
+    assert "classifier.weight" not in model.encoder.state_dict()
+    # Stages with a skip pass on only their new maps: each up conv sees the previous stage's 4 * 16 maps.
+    assert [up.conv.in_channels for up in model.decoder.ups] == [1024, 64, 64, 64, 64]
+    with torch.no_grad():
+        feats = model.eval().encoder(torch.randn(1, 1, 97, 131))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(49, 66), (25, 33), (12, 16), (6, 8), (3, 4)]
+
+
+def test_encoder_loads_a_torchvision_densenet121_file(tmp_path):
+    reference = torchvision.models.densenet121(weights=None).state_dict()
+    path = tmp_path / "densenet121.pth"
+    torch.save(reference, path)
+    model = DenseUNet("densenet121", in_channels=1, num_classes=4, encoder_weights=str(path))
+    loaded = model.state_dict()
+    features = [k for k in reference if k.startswith("features.")]
+    assert len(features) == len([k for k in loaded if k.startswith("encoder.")])
+    for key in features:
+        expected = reference[key].sum(1, keepdim=True) if key == "features.conv0.weight" else reference[key]
+        torch.testing.assert_close(loaded["encoder." + key], expected, rtol=0, atol=0, msg=key)
+
+
+def test_encoder_loads_a_classification_checkpoint(tmp_path):
+    classifier = build_densenet("densenet121", **SMALL, in_channels=1, num_classes=4)
+    torch.nn.init.normal_(classifier.features.norm5.weight)  # not the init value, so loading shows
+    path = tmp_path / "classify.ckpt"
+    torch.save({"state_dict": {"model." + k: v for k, v in classifier.state_dict().items()}}, path)
+    model = small(encoder_weights=str(path))
+    for key, value in classifier.features.state_dict().items():
+        torch.testing.assert_close(model.encoder.features.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_encoder_rejects_weights_of_another_architecture(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(build_densenet("densenet121", growth_rate=8, block_config=[1, 1, 1, 1]).state_dict(), path)
+    with pytest.raises(CheckpointError, match="other.pth"):
+        small(encoder_weights=str(path))
+
+
+def test_smp_unet_loads_the_same_encoder_file(tmp_path):
+    reference = torchvision.models.densenet121(weights=None).state_dict()
+    path = tmp_path / "densenet121.pth"
+    torch.save(reference, path)
+    model = smp_unet(in_channels=1, num_classes=4, encoder_weights=str(path))
+    loaded = model.encoder.state_dict()
+    for key in (k for k in reference if k.startswith("features.")):
+        expected = reference[key].sum(1, keepdim=True) if key == "features.conv0.weight" else reference[key]
+        torch.testing.assert_close(loaded[key], expected, rtol=0, atol=0, msg=key)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_memory_efficient_mode_gives_identical_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = small(drop_rate=0.2)
+    efficient = small(drop_rate=0.2, memory_efficient=True)
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 45, 50)
+    results = []
+    for model in (plain, efficient):
+        torch.manual_seed(1)  # same dropout masks
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    (out_a, g_a), (out_b, g_b) = results
+    torch.testing.assert_close(out_a, out_b)
+    for ga, gb in zip(g_a, g_b):
+        torch.testing.assert_close(ga, gb)
+    torch.testing.assert_close(plain.state_dict(), efficient.state_dict())
+
+
+def test_mc_dropout_keeps_decoder_dropout_active_in_eval_mode():
+    x = torch.randn(1, 1, 32, 32)
+    model = small(drop_rate=0.5).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.enable_mc_dropout()
+        assert not torch.equal(model(x), model(x))
+    model = small(drop_rate=0.5, mc_dropout=True).eval()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+
+
+def test_torch_export_matches_eager():
+    torch.manual_seed(0)
+    model = small(drop_rate=0.2).eval()
+    x = torch.randn(1, 1, 97, 66)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"encoder": "resnet50"}, "unknown DenseUNet encoder 'resnet50'"),
+        ({"upsample": "nearest"}, "unknown upsample 'nearest'"),
+        ({"decoder_layers": (2, 2)}, "decoder_layers needs 5 entries"),
+        ({"encoder_params": {**SMALL, "block_config": [1, 1, 1]}}, "needs 4 dense blocks"),
+    ],
+)
+def test_bad_settings_raise_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        small(**kwargs)
+
+
+def test_too_small_input_says_what_padding_to_use():
+    with pytest.raises(ValueError, match="pad the image to 32x32"):
+        small()(torch.randn(1, 1, 16, 64))
