@@ -163,6 +163,14 @@ def test_two_job_multirun(tmp_path, synthetic_root):
     lrs = [json.loads((j / "summary.json").read_text()) and OmegaConf.load(j / ".hydra" / "config.yaml").optim.lr
            for j in jobs]
     assert lrs == [1e-3, 3e-4]
+    # the sweep report is written at the end of the multirun, and on demand
+    for name in ("sweep.csv", "sweep.md", "sweep.png"):
+        assert (sweep / name).is_file()
+    rows = list(csv.DictReader((sweep / "sweep.csv").open()))
+    assert [r["optim.lr"] for r in rows] == ["1e-3", "3e-4"] and all(r["val/dice_best"] for r in rows)
+    (sweep / "sweep.md").unlink()
+    result = run_cli(["-m", "seg_densenet.sweep_report", str(sweep)])
+    assert result.returncode == 0 and (sweep / "sweep.md").is_file()
 
 
 @pytest.mark.slow
