@@ -52,8 +52,11 @@ def test_encoder_taps_and_decoder_plan_of_densenet121():
     assert model.encoder.feature_channels == [64, 256, 512, 1024, 1024]
     assert model.encoder.feature_strides == [2, 4, 8, 16, 32]
     assert "classifier.weight" not in model.encoder.state_dict()
-    # Stages with a skip pass on only their new maps: each up conv sees the previous stage's 4 * 16 maps.
-    assert [up.conv.in_channels for up in model.decoder.ups] == [1024, 64, 64, 64, 64]
+    # Default decoder (4, 4, 2, 2, 0), k=16: stages pass on only their new maps, so after compressing the
+    # 1024-map bottleneck each up conv sees the previous stage's layers * 16 maps.
+    assert [up.conv.in_channels for up in model.decoder.ups] == [1024, 64, 64, 32, 32]
+    assert [up.conv.out_channels for up in model.decoder.ups] == [64, 64, 32, 32, 16]
+    assert model.decoder.out_channels == model.head.conv.in_channels == 16
     with torch.no_grad():
         feats = model.eval().encoder(torch.randn(1, 1, 97, 131))
     assert [tuple(f.shape[-2:]) for f in feats] == [(49, 66), (25, 33), (12, 16), (6, 8), (3, 4)]

@@ -46,8 +46,10 @@ def _image(root):
 
 def _rewrite(path, data, dtype=None):
     ref = nib.load(path)
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype or ref.get_data_dtype()), ref.affine, ref.header)
-    nib.save(img, path)
+    array = np.asarray(data, dtype=dtype or ref.get_data_dtype())
+    header = ref.header.copy()
+    header.set_data_dtype(array.dtype)  # else nibabel casts to the old dtype (NaN -> 0 in int16)
+    nib.save(nib.Nifti1Image(array, ref.affine, header), path)
 
 
 # -- bad data files, through training ---------------------------------------------------------------

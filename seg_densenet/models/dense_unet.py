@@ -98,7 +98,7 @@ class DenseDecoder(nn.Module):
     def __init__(
         self,
         encoder_channels: Sequence[int],
-        decoder_layers: Sequence[int] = (4, 4, 4, 4, 0),
+        decoder_layers: Sequence[int] = (4, 4, 2, 2, 0),
         growth_rate: int = 16,
         upsample: str = "transposed",
         drop_rate: float = 0.0,
@@ -184,7 +184,7 @@ class DenseUNet(nn.Module):
         num_classes: int = 4,
         encoder_weights: str | None = None,
         encoder_params: dict | None = None,
-        decoder_layers: Sequence[int] = (4, 4, 4, 4, 0),
+        decoder_layers: Sequence[int] = (4, 4, 2, 2, 0),
         decoder_growth_rate: int = 16,
         upsample: str = "transposed",
         drop_rate: float = 0.0,
