@@ -26,9 +26,9 @@ def safe_torch_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported" in str(err) or "weights_only" in str(err):
+        if "Unsupported global" in str(err):
             raise CheckpointError(
-                f"{path}: refused: the file holds non-tensor Python objects that weights_only loading does not "
+                f"{path}: refused: the file holds non-tensor objects that weights_only loading does not "
                 "unpickle (it may run code); only load it with full unpickling if you trust its source"
             ) from err
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_one_line(err)})") from err

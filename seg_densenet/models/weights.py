@@ -15,13 +15,13 @@ Every pickle is read with ``torch.load(..., map_location="cpu", weights_only=Tru
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from seg_densenet.checkpoint import safe_torch_load
 from seg_densenet.errors import CheckpointError, ConfigError
 from seg_densenet.models.densenet import init_weights
 
@@ -97,17 +97,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         except Exception as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(err)})") from err
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "Unsupported" in str(err):
-                raise CheckpointError(
-                    f"{path}: the file holds non-tensor objects and weights_only loading refused it "
-                    "(only load such files with full unpickling if you trust their source)"
-                ) from err
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(err)})") from err
-        except Exception as err:  # zip, EOF and pickle opcode errors of truncated or non-checkpoint files
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(err)})") from err
+        obj = safe_torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning checkpoint
     if not isinstance(obj, dict) or not any(isinstance(v, Tensor) for v in obj.values()):
