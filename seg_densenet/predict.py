@@ -78,7 +78,8 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, preprocessor: Preprocessor, *, device: str = "cpu",
                  precision: str = "32", batch_size: int = 16, tta: bool = False, mc_samples: int = 0,
-                 postprocess: str | None = None, num_classes: int = 4, keep_probs: bool = False):
+                 postprocess: str | None = None, num_classes: int = 4, keep_probs: bool = False,
+                 memory_budget_mb: float | None = None):
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"precision={precision}: valid values are {', '.join(PRECISIONS)}")
         if postprocess not in (None, "none", "lcc"):
@@ -95,6 +96,8 @@ class Predictor:
         self.postprocess = postprocess if postprocess != "none" else None
         self.num_classes = num_classes
         self.keep_probs = keep_probs
+        self.memory_budget_mb = memory_budget_mb
+        self._slice_bytes: dict[tuple[int, int], int] = {}
         if self.mc_samples:
             if not hasattr(self.model, "enable_mc_dropout"):
                 raise ConfigError(f"mc_samples={mc_samples}: {type(model).__name__} has no MC-dropout switch")
@@ -125,10 +128,11 @@ class Predictor:
         n_slices = image.shape[0]
         X, Y, _ = meta.original_shape
         labels = np.zeros((X, Y, n_slices), dtype=np.uint8)
+        batch_size = self.slices_within_budget(*image.shape[1:])
         probs_out = np.zeros((self.num_classes, X, Y, n_slices), dtype=np.float32) if self.keep_probs else None
         entropy = np.zeros((X, Y, n_slices), dtype=np.float32) if self.mc_samples else None
-        for start in range(0, n_slices, self.batch_size):
-            stop = min(start + self.batch_size, n_slices)
+        for start in range(0, n_slices, batch_size):
+            stop = min(start + batch_size, n_slices)
             chunk = torch.from_numpy(image[start:stop, None]).to(self.device)
             try:
                 probs = self._probabilities(chunk).cpu().numpy()
@@ -137,7 +141,7 @@ class Predictor:
                     raise
                 raise SegDenseNetError(
                     f"{volume.path}: out of memory predicting {stop - start} slices of {image.shape[1:]} at once; "
-                    f"lower batch_size (now {self.batch_size})"
+                    f"lower batch_size (now {batch_size}) or set memory_budget_mb"
                 ) from err
             chunk_meta = _chunk_meta(meta, stop - start)
             probs_xyz = self.preprocessor.invert(probs, chunk_meta)  # (C, X, Y, b)
@@ -157,6 +161,47 @@ class Predictor:
         if entropy is not None:
             out["entropy"] = entropy
         return out
+
+
+    def slices_within_budget(self, height: int, width: int) -> int:
+        """Slices per forward pass: ``batch_size``, lowered so that the measured memory of one slice's
+        pass (network, softmax, inverse mapping) times the batch stays within ``memory_budget_mb``."""
+        if not self.memory_budget_mb:
+            return self.batch_size
+        key = (height, width)
+        if key not in self._slice_bytes:
+            self._slice_bytes[key] = self._measure_slice_bytes(height, width)
+        fits = int(self.memory_budget_mb * 2**20 // self._slice_bytes[key])
+        batch = max(1, min(self.batch_size, fits))
+        if batch < self.batch_size:
+            log.info("memory budget %.0f MB: %d slice(s) of %dx%d per pass", self.memory_budget_mb, batch, height, width)
+        return batch
+
+    def _measure_slice_bytes(self, height: int, width: int) -> int:
+        """Peak extra memory (bytes) of predicting one slice, measured once per in-plane size."""
+        x = torch.zeros(1, 1, height, width, device=self.device)
+        # what the chunk keeps besides the network: probabilities, their inverse mapping, labels
+        floor = height * width * 4 * (3 * self.num_classes + 2)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self._probabilities(x)
+            return max(torch.cuda.max_memory_allocated(self.device) - base, floor)
+        status = Path("/proc/self/status")
+        if not status.is_file():
+            return floor
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+        base = _proc_status_kb("VmRSS")
+        self._probabilities(x)
+        return max((_proc_status_kb("VmHWM") - base) * 1024, floor)
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def _chunk_meta(meta: GridMeta, n: int) -> GridMeta:
@@ -183,7 +228,8 @@ def largest_connected_components(labels: np.ndarray) -> np.ndarray:
 
 def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta: bool = False,
                  postprocess: str | None = None, mc_samples: int = 0, save_probs: bool = False,
-                 device: str = "auto", precision: str = "32", batch_size: int = 16) -> list[Path]:
+                 device: str = "auto", precision: str = "32", batch_size: int = 16,
+                 memory_budget_mb: float | None = None) -> list[Path]:
     """Predict every image under ``input`` into ``output`` (mirroring the tree); returns the masks written."""
     root, files = find_inputs(input)
     output = Path(output)
@@ -200,6 +246,7 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
         model, preprocessor_from_record(record.get("data", {})), device=device, precision=precision,
         batch_size=batch_size, tta=tta, mc_samples=mc_samples, postprocess=postprocess,
         num_classes=len(record.get("class_names", [])) or 4, keep_probs=save_probs,
+        memory_budget_mb=memory_budget_mb,
     )
     written = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -235,7 +282,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_cli(
         predict_tree, cfg.ckpt, cfg.input, cfg.output, tta=cfg.tta, postprocess=cfg.postprocess,
         mc_samples=cfg.mc_samples, save_probs=cfg.save_probs, device=cfg.device, precision=str(cfg.precision),
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size, memory_budget_mb=cfg.memory_budget_mb,
     )
 
 

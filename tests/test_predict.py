@@ -119,3 +119,30 @@ def test_export_onnx_matches_pytorch(trained_ckpt, tmp_path):
     for shape in [(1, 1, 64, 64), (3, 1, 97, 131)]:  # dynamic batch and image size
         logits = session.run(None, {"image": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})[0]
         assert logits.shape == (shape[0], 4, *shape[2:])
+
+
+def test_large_volume_is_predicted_within_a_memory_budget(trained_ckpt, tmp_path):
+    from seg_densenet.checkpoint import load_model
+    from seg_densenet.data.nifti import load_volume
+    from seg_densenet.predict import Predictor, preprocessor_from_record
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, size=(1024, 1024, 6)).astype(np.float32)
+    path = tmp_path / "large.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 8.0, 1.0])), path)
+    volume = load_volume(path)
+    model, record = load_model(trained_ckpt)
+    preprocessor = preprocessor_from_record(record["data"])
+    unlimited = Predictor(model, preprocessor, batch_size=6)
+    limited = Predictor(model, preprocessor, batch_size=6, memory_budget_mb=40)
+    image, _ = preprocessor.forward(volume)
+    height, width = image.shape[1:]
+    assert unlimited.slices_within_budget(height, width) == 6
+    per_slice = limited._measure_slice_bytes(height, width)
+    batch = limited.slices_within_budget(height, width)
+    assert 1 <= batch < 6 and batch * per_slice <= 40 * 2**20 or batch == 1
+    # a smaller image fits more slices into the same budget
+    assert limited.slices_within_budget(height // 2, width // 2) >= batch
+    result = limited.predict(volume)
+    assert result["labels"].shape == volume.shape and result["labels"].dtype == np.uint8
+    np.testing.assert_array_equal(result["labels"], unlimited.predict(volume)["labels"])
