@@ -42,8 +42,8 @@ def test_segmentation_batches_and_split(dataset, tmp_path):
     train, val, test = (set(dm.split[k]) for k in ("train", "val", "test"))
     assert (
         len(test) == 2
-        and len(val) == 1
-        and len(train) == 7
+        and len(val) == 2  # round(8 * 0.2)
+        and len(train) == 6
         and not (train & val or train & test or val & test)
     )
 
@@ -51,10 +51,10 @@ def test_segmentation_batches_and_split(dataset, tmp_path):
     assert batch["image"].shape == (4, 1, 24, 24) and batch["image"].dtype == torch.float32
     assert batch["mask"].shape == (4, 24, 24) and batch["mask"].dtype == torch.int64
     assert len(batch["case"]) == 4 and all(c.rsplit("_", 1)[0] in train for c in batch["case"])
-    assert len(dm.train_dataloader().dataset) == 7 * 2 * SHAPE[2]  # every slice of ED and ES
+    assert len(dm.train_dataloader().dataset) == 6 * 2 * SHAPE[2]  # every slice of ED and ES
 
     volumes = list(dm.val_dataloader())
-    assert len(volumes) == 2  # one step per volume: ED and ES of the validation patient
+    assert len(volumes) == 4  # one step per volume: ED and ES of the two validation patients
     item = volumes[0]
     # not cropped: the whole resampled slice (60 x 72 mm at 2 mm)
     assert item["image"].shape == (5, 1, 30, 36) and item["mask"].shape == (5, 30, 36)
@@ -100,7 +100,7 @@ def test_workers_and_augmentation(dataset, tmp_path):
     )
     dm.setup()
     batches = list(dm.train_dataloader())
-    assert sum(len(b["case"]) for b in batches) == 70
+    assert sum(len(b["case"]) for b in batches) == 60  # 6 training patients x 2 frames x 5 slices
     assert all(torch.isfinite(b["image"]).all() for b in batches)
 
 
@@ -146,7 +146,7 @@ def test_diagnosis_classification_uses_the_same_split(dataset, tmp_path):
     for case, label in zip(batch["case"], batch["label"].tolist()):
         assert GROUPS[(int(case[7:10]) - 1) % 5] == GROUPS[label]
     # mid-ventricular: of the 5 slices per volume, all hold the LV; the middle half is 3 of them
-    assert len(cls.datasets["train"]) == 7 * 2 * 3
+    assert len(cls.datasets["train"]) == 6 * 2 * 3
 
 
 def test_imagefolder_classification(tmp_path):
