@@ -1,7 +1,12 @@
 """Export to ONNX: ``python -m seg_densenet.export ckpt=PATH format=onnx output=FILE``.
 
-The graph takes ``(B, 1, H, W)`` float32 slices (already normalised as in training) with dynamic batch,
-height and width, and returns logits ``(B, C, H, W)``. After export, onnxruntime runs the file on a
+The graph takes ``(B, 1, H, W)`` float32 slices (already normalised as in training) with a dynamic
+batch and returns logits ``(B, C, H, W)``. The image size is fixed at export (``image_size``): the
+networks crop each upsampled map to its skip's size, and torch's ONNX exporter (torch 2.14) does not
+carry that crop arithmetic over for symbolic sizes (torch.export itself handles multiples of 32, but
+onnxruntime then fails on a concatenation), so a dynamic image size would give wrong graphs. Export
+once per acquisition size, or pad/crop slices to ``image_size`` (``seg_densenet.predict`` takes any
+size in PyTorch). After export, onnxruntime runs the file on a
 random batch and the largest difference to PyTorch must stay under ``tolerance`` (default 1e-4).
 """
 
@@ -23,7 +28,7 @@ from seg_densenet.utils.cli import check_overrides, run_cli
 FORMATS = ("onnx",)
 
 
-def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, check_shape=(2, 1, 96, 112),
+def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, image_size=(224, 224),
                 tolerance: float = 1e-4) -> float:
     """Write ``output`` (ONNX) from a segmentation checkpoint; returns the checked max |difference|."""
     import onnxruntime as ort
@@ -34,15 +39,17 @@ def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, check_
     model, record = load_model(ckpt)
     model.eval()
     in_channels = int(record["model"].get("in_channels", 1))
-    example = torch.randn(1, in_channels, 64, 64)
-    batch, height, width = (torch.export.Dim(n, min=1, max=4096) for n in ("batch", "height", "width"))
+    height, width = (int(n) for n in image_size)
+    # batch 2: an example of size 1 would be specialised by torch.export
+    example = torch.randn(2, in_channels, height, width)
+    batch = torch.export.Dim("batch", min=1, max=1024)
     with atomic_path(output) as tmp:
         torch.onnx.export(
             model, (example,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=opset,
             dynamo=True, external_data=False,
-            dynamic_shapes=({0: batch, 2: height, 3: width},),
+            dynamic_shapes=({0: batch},),
         )
-        x = torch.randn(check_shape[0], in_channels, *check_shape[2:])
+        x = torch.randn(3, in_channels, height, width)  # another batch size than the example
         with torch.inference_mode():
             expected = model(x).numpy()
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
@@ -60,7 +67,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     def run() -> None:
         if cfg.format not in FORMATS:
             raise ConfigError(f"format={cfg.format}: valid formats are {', '.join(FORMATS)}")
-        diff = export_onnx(cfg.ckpt, cfg.output, opset=cfg.opset)
+        diff = export_onnx(cfg.ckpt, cfg.output, opset=cfg.opset, image_size=tuple(cfg.image_size))
         print(f"wrote {cfg.output} (onnxruntime vs PyTorch: max difference {diff:.2e})")
 
     run_cli(run)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.repo_root:} resolver)
+from seg_densenet.checkpoint import safe_torch_load
 from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.classification import ClassificationModule
 from seg_densenet.lit.segmentation import SegmentationModule
@@ -126,7 +127,15 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
          extra: dict | None = None) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = _callbacks(cfg, stage_cfg, stage_dir)
-    loggers = [instantiate(c, save_dir=str(stage_dir)) for c in (cfg.get("logger") or {}).values() if c]
+    ckpt_path = _resume_checkpoint(cfg, stage_dir)
+    loggers = []
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        if not logger_cfg:
+            continue
+        kwargs = {"save_dir": str(stage_dir)}
+        if ckpt_path and logger_cfg.get("_target_") == "seg_densenet.lit.loggers.CSVLogger":
+            kwargs["keep_until_step"] = int(safe_torch_load(ckpt_path).get("global_step", 0))
+        loggers.append(instantiate(logger_cfg, **kwargs))
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=stage_cfg.max_epochs,
         default_root_dir=str(stage_dir),
@@ -134,7 +143,6 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
     if hasattr(datamodule, "save_split") and trainer.is_global_zero:
         datamodule.setup("fit")
         datamodule.save_split(stage_dir / "split.json")
-    ckpt_path = _resume_checkpoint(cfg, stage_dir)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

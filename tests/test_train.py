@@ -167,7 +167,7 @@ def test_two_job_multirun(tmp_path, synthetic_root):
     for name in ("sweep.csv", "sweep.md", "sweep.png"):
         assert (sweep / name).is_file()
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
-    assert [r["optim.lr"] for r in rows] == ["1e-3", "3e-4"] and all(r["val/dice_best"] for r in rows)
+    assert [float(r["optim.lr"]) for r in rows] == [1e-3, 3e-4] and all(r["val/dice_best"] for r in rows)
     (sweep / "sweep.md").unlink()
     result = run_cli(["-m", "seg_densenet.sweep_report", str(sweep)])
     assert result.returncode == 0 and (sweep / "sweep.md").is_file()

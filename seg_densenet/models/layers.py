@@ -42,10 +42,11 @@ def set_mc_dropout(module: nn.Module, flag: bool = True) -> None:
 
 def center_crop(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Crop the last two dims of ``x`` (…, H, W) to ``size`` (h, w) around the centre; h <= H, w <= W."""
-    h, w = int(size[0]), int(size[1])
+    h, w = size[0], size[1]
     top = (x.shape[-2] - h) // 2
     left = (x.shape[-1] - w) // 2
-    return x[..., top : top + h, left : left + w]
+    # narrow (not slicing) keeps the output size exactly (h, w), also for symbolic sizes under torch.export
+    return x.narrow(-2, top, h).narrow(-1, left, w)
 
 
 class _DenseLayer(nn.Module):

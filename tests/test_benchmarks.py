@@ -1,0 +1,173 @@
+"""The benchmark suite: its measuring tools, its goal verdicts, and ``--quick`` end to end (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not of the installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.goals import goals  # noqa: E402
+from benchmarks.measure import MemoryMeter, interleave  # noqa: E402
+from benchmarks.report import write_docs  # noqa: E402
+
+GOAL_IDS = {
+    "densenet_speed",
+    "densenet_memory",
+    "dense_unet",
+    "fc103_memory",
+    "fc56_volume",
+    "dense_unet_volume",
+    "data_vs_training",
+}
+linux_only = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak RSS"
+)
+
+
+@linux_only
+def test_peak_rss_sees_an_allocation_made_and_freed_inside_the_call():
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.reset()
+    x = torch.ones(50_000_000)  # 200 MB, freed before the peak is read
+    del x
+    assert meter.peak() - meter.before > 190e6
+    meter.reset()  # a fresh reset forgets it
+    assert meter.peak() - meter.before < 50e6
+
+
+def test_interleave_alternates_configurations_and_records_skips_and_failures():
+    order: list[str] = []
+
+    def call(name):
+        def run():
+            order.append(name)
+            if name == "broken":
+                raise RuntimeError("out of memory\nsecond line")
+
+        return run
+
+    names = ("a", "b", "skipped", "broken")
+    results = interleave(
+        {n: call(n) for n in names},
+        dict.fromkeys(names, 4),
+        torch.device("cpu"),
+        warmup=1,
+        repeats=2,
+        skip_check=lambda name, done: "predicted too slow" if name == "skipped" else None,
+    )
+    assert order == ["a", "b", "broken", "a", "b", "a", "b"]
+    assert len(results["a"].cold_s) == 1 and len(results["a"].seconds) == 2
+    summary = results["a"].summary()
+    assert (
+        summary["status"] == "ok" and summary["items_per_s"] > 0 and summary["peak_gb"] >= summary["added_gb"]
+    )
+    assert results["skipped"].summary() == {
+        "status": "skipped",
+        "reason": "predicted too slow",
+        "items_per_call": 4,
+    }
+    assert results["broken"].status == "failed" and results["broken"].reason == "RuntimeError: out of memory"
+
+
+def _config(items_per_s: float, peak_gb: float, batch: int = 8, size: int = 224) -> dict:
+    return {
+        "status": "ok",
+        "batch": batch,
+        "size": [size, size],
+        "items_per_s": items_per_s,
+        "median_s": batch / items_per_s,
+        "peak_gb": peak_gb,
+        "added_gb": peak_gb - 1.0,
+    }
+
+
+def test_goal_verdicts_follow_the_ratios_and_only_at_the_goals_setting():
+    dn = {
+        "torchvision plain": _config(1.0, 10.0),
+        "ours plain": _config(1.1, 10.0),
+        "ours memory-efficient": _config(0.9, 5.5),
+    }
+    fc = {"FC-DenseNet103 plain": _config(0.1, 10.0), "FC-DenseNet103 memory-efficient": _config(0.08, 6.0)}
+    results = {"suites": {"train": {"densenet121": dn, "fc_densenet": fc}}}
+    rows = {g["id"]: g for g in goals(results)}
+    assert set(rows) == GOAL_IDS
+    assert rows["densenet_speed"]["met"] is True and rows["densenet_speed"]["measured"] == "1.10x"
+    assert rows["densenet_memory"]["met"] is True  # 0.55x memory at 0.90x speed
+    assert rows["fc103_memory"]["met"] is False  # 0.60x > 0.5x
+    assert rows["dense_unet"]["met"] is None and rows["dense_unet"]["measured"].startswith("not measured")
+    # the same ratios at another batch size give no verdict
+    dn["torchvision plain"] = _config(1.0, 10.0, batch=2)
+    assert next(g for g in goals(results) if g["id"] == "densenet_speed")["met"] is None
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "-m", "benchmarks.run", "--suite", "all", "--quick", "--threads", "1"]
+    command += ["--out", str(out), "--docs", str(out / "benchmarks.md")]
+    proc = subprocess.run(
+        command,
+        cwd=REPO,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_suite_to_the_results_file(quick_run):
+    (path,) = quick_run.glob("*-quick.json")
+    results = json.loads(path.read_text())
+    assert path.name == f"{results['machine']['name']}-quick.json"
+    assert results["quick"] is True and results["threads"] == 1
+    assert {"cpu", "cores", "ram_gb", "torch", "node"} <= set(results["machine"])
+    assert len(results["load_average"]["before"]) == 3 and len(results["load_average"]["after"]) == 3
+    suites = results["suites"]
+    assert set(suites) == {"train", "infer", "data", "scaling"}
+    configs = [c for g in ("densenet121", "segmentation", "fc_densenet") for c in suites["train"][g].values()]
+    configs += list(suites["data"]["loaders"].values()) + list(suites["scaling"]["dense_block"].values())
+    for c in configs:
+        assert c["status"] == "ok", c
+        assert c["items_per_s"] > 0 and c["peak_gb"] >= c["added_gb"] >= 0
+    assert {"eager", "channels_last", "bf16 autocast"} <= set(suites["infer"]["throughput"]["FC-DenseNet56"])
+    assert suites["infer"]["volume"]["FC-DenseNet56 eager"]["status"] == "ok"
+    for c in suites["infer"]["compile"].values():  # the child either measured or says why not
+        assert c["status"] == "ok" or c["reason"]
+    assert {c["model"] for c in suites["scaling"]["models"].values()} == {
+        "fc_densenet56",
+        "fc_densenet67",
+        "fc_densenet103",
+    }
+    assert {g["id"] for g in results["goals"]} == GOAL_IDS
+    assert all(g["met"] is None for g in results["goals"])  # tiny sizes: no verdicts
+    assert any(r["path"] == "channels_last" for r in results["fast_paths"])
+
+
+@pytest.mark.slow
+def test_quick_run_generates_the_page_and_the_report_regenerates_it(quick_run):
+    page = (quick_run / "benchmarks.md").read_text()
+    (path,) = quick_run.glob("*-quick.json")
+    results = json.loads(path.read_text())
+    assert f"`{results['command']}`" in page and "--suite all --quick" in results["command"]
+    assert (
+        results["machine"]["cpu"] in page and results["machine"]["torch"] in page and results["date"] in page
+    )
+    assert "shared with other work" in page and "no GPU was lent" in page
+    for goal in results["goals"]:
+        assert goal["goal"] in page
+    (plot,) = quick_run.glob("*-scaling.png")
+    assert f"]({plot.name})" in page and plot.read_bytes().startswith(b"\x89PNG")
+    again = write_docs(quick_run, quick_run / "again.md")  # from the results file alone
+    assert again.read_text() == page
