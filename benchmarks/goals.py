@@ -1,0 +1,310 @@
+"""The issue's goals and the fast-path verdicts, computed from one results file.
+
+Every ratio divides two configurations of the same interleaved run (see :mod:`benchmarks.measure`),
+except the data goal, which sets the loader's slices/s against FC-DenseNet56's training images/s from
+the ``train`` suite of the same invocation. A goal whose inputs were not measured says why and has
+``met: None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def _get(results: Mapping, *path: str) -> dict:
+    node = results
+    for key in path:
+        node = node.get(key, {}) if isinstance(node, Mapping) else {}
+    return node if isinstance(node, dict) else {}
+
+
+def _ok(*configs: dict) -> str | None:
+    """None when every configuration was measured, else why one was not."""
+    for c in configs:
+        if c.get("status") != "ok":
+            return c.get("reason") or "not run"
+    return None
+
+
+def _speed(a: dict, b: dict) -> float:
+    return a["items_per_s"] / b["items_per_s"]
+
+
+def _memory(a: dict, b: dict) -> float:
+    return a["peak_gb"] / b["peak_gb"]
+
+
+def _added(a: dict, b: dict) -> float:
+    return a["added_gb"] / b["added_gb"] if b["added_gb"] else float("nan")
+
+
+def _goal(
+    gid: str, goal: str, measured: str, met: bool | None, note: str = "", setting: str | None = None
+) -> dict:
+    """A row; ``setting``: where the measurement was not taken at the goal's own setting, what it was
+    taken at (``met`` is then None: a verdict at another size would say nothing about the goal)."""
+    if setting is not None:
+        met, note = None, f"measured at {setting}, not the goal's setting; " + note
+    return {"id": gid, "goal": goal, "measured": measured, "met": met, "note": note.strip("; ")}
+
+
+def _off_setting(config: dict, batch: int, size: int) -> str | None:
+    """None when ``config`` ran at ``batch`` and ``size`` x ``size``, else its own setting as text."""
+    if config.get("batch") == batch and config.get("size") == [size, size]:
+        return None
+    return f"batch {config.get('batch')}, {'x'.join(map(str, config.get('size', [])))}"
+
+
+def _missing(gid: str, goal: str, reason: str) -> dict:
+    return _goal(gid, goal, f"not measured: {reason}", None)
+
+
+def goals(results: Mapping) -> list[dict]:
+    """The goals table rows: ``id``, ``goal``, ``measured`` (ratios as text), ``met`` (bool or None), ``note``."""
+    rows = []
+    dn = _get(results, "suites", "train", "densenet121")
+    tv, tv_me = dn.get("torchvision plain", {}), dn.get("torchvision memory-efficient", {})
+    ours, ours_me = dn.get("ours plain", {}), dn.get("ours memory-efficient", {})
+
+    text = "DenseNet-121 training: ours (plain) at least 1.0x torchvision's speed"
+    if reason := _ok(tv, ours):
+        rows.append(_missing("densenet_speed", text, reason))
+    else:
+        r = _speed(ours, tv)
+        rows.append(_goal("densenet_speed", text, f"{r:.2f}x", r >= 1.0, setting=_off_setting(tv, 8, 224)))
+
+    text = "DenseNet-121 memory-efficient: at most 0.6x torchvision-plain peak memory at no less than 0.8x its speed"
+    if reason := _ok(tv, ours_me):
+        rows.append(_missing("densenet_memory", text, reason))
+    else:
+        m, s = _memory(ours_me, tv), _speed(ours_me, tv)
+        note = f"memory added by the step: {_added(ours_me, tv):.2f}x"
+        if not _ok(tv_me):
+            note += (
+                f"; torchvision's memory-efficient mode: {_memory(tv_me, tv):.2f}x memory "
+                f"({_added(tv_me, tv):.2f}x added) at {_speed(tv_me, tv):.2f}x speed"
+            )
+        rows.append(
+            _goal(
+                "densenet_memory",
+                text,
+                f"{m:.2f}x memory at {s:.2f}x speed",
+                m <= 0.6 and s >= 0.8,
+                note,
+                _off_setting(tv, 8, 224),
+            )
+        )
+
+    seg = _get(results, "suites", "train", "segmentation")
+    smp = seg.get("smp Unet(densenet121)", {})
+    text = "DenseUNet training: at least 1.3x smp Unet(densenet121) throughput at no more than 0.8x its peak memory"
+    variants = {k: seg.get(f"DenseUNet {k}", {}) for k in ("plain", "memory-efficient")}
+    measured = {k: v for k, v in variants.items() if not _ok(smp, v)}
+    if not measured:
+        rows.append(_missing("dense_unet", text, _ok(smp, variants["plain"]) or "not run"))
+    else:
+        parts, met = [], False
+        for k, v in measured.items():
+            s, m = _speed(v, smp), _memory(v, smp)
+            met |= s >= 1.3 and m <= 0.8
+            parts.append(f"{k}: {s:.2f}x speed, {m:.2f}x memory")
+        note = "; ".join(f"{k}: {_added(v, smp):.2f}x memory added by the step" for k, v in measured.items())
+        rows.append(_goal("dense_unet", text, "; ".join(parts), met, note, _off_setting(smp, 8, 224)))
+
+    fc = _get(results, "suites", "train", "fc_densenet")
+    plain, me = fc.get("FC-DenseNet103 plain", {}), fc.get("FC-DenseNet103 memory-efficient", {})
+    text = "FC-DenseNet103 memory-efficient training (224x224, batch 8): at most 50% of its plain peak memory"
+    if reason := _ok(plain, me):
+        rows.append(_missing("fc103_memory", text, reason))
+    else:
+        m = _memory(me, plain)
+        note = f"memory added by the step: {_added(me, plain):.2f}x; speed {_speed(me, plain):.2f}x"
+        rows.append(_goal("fc103_memory", text, f"{m:.2f}x", m <= 0.5, note, _off_setting(plain, 8, 224)))
+
+    volume = _get(results, "suites", "infer", "volume")
+    for gid, name, target in (
+        ("fc56_volume", "FC-DenseNet56", 1.0),
+        ("dense_unet_volume", "DenseUNet", None),
+    ):
+        text = f"{name} inference of a 10-slice 256x216 volume on 2 CPU cores, no TTA, model loaded" + (
+            f": under {target:.1f} s" if target else " (reported)"
+        )
+        variants = {k: volume.get(f"{name} {k}", {}) for k in ("eager", "channels_last")}
+        measured = {k: v for k, v in variants.items() if not _ok(v)}
+        if not measured:
+            rows.append(_missing(gid, text, volume.get(name, {}).get("reason") or _ok(variants["eager"])))
+            continue
+        best = min(v["median_s"] for v in measured.values())
+        shape = next(iter(measured.values()))["volume_shape"]
+        parts = [f"{v['median_s']:.2f} s {k}" for k, v in measured.items()]
+        note = f"volume {shape[0]}x{shape[1]}x{shape[2]} (X, Y, slices), {results.get('threads')} threads"
+        off = None if shape == [256, 216, 10] else f"{shape[0]}x{shape[1]}x{shape[2]}"
+        rows.append(_goal(gid, text, ", ".join(parts), (best < target) if target else None, note, off))
+
+    loaders = _get(results, "suites", "data", "loaders")
+    two = loaders.get("2 workers, persistent", {})
+    crop = _get(results, "suites", "data", "plan").get("crop")
+    fc56 = fc.get("FC-DenseNet56 plain", {})
+    text = "Data: slices/s from the cache with 2 workers at least 10x FC-DenseNet56 training throughput at the same size"
+    if reason := _ok(two, fc56):
+        rows.append(_missing("data_vs_training", text, reason))
+    elif fc56["size"] != [crop, crop]:
+        rows.append(
+            _missing("data_vs_training", text, f"sizes differ (data {crop}, training {fc56['size']})")
+        )
+    else:
+        r = _speed(two, fc56)
+        note = (
+            f"{two['items_per_s']:.1f} slices/s against {fc56['items_per_s']:.3f} images/s at {crop}x{crop}"
+        )
+        off = None if crop >= 128 else f"{crop}x{crop}"  # tiny quick-mode crops say nothing
+        rows.append(_goal("data_vs_training", text, f"{r:.0f}x", r >= 10, note, off))
+    return rows
+
+
+def _verdict(ratio: float) -> str:
+    if ratio >= 1.05:
+        return "justified"
+    return "no gain" if ratio >= 0.95 else "slower: not kept"
+
+
+def fast_paths(results: Mapping) -> list[dict]:
+    """Rows ``fast path``, ``where``, ``measured``, ``verdict`` for each fast path of the issue."""
+    rows = []
+    device = results.get("machine", {}).get("device", "cpu")
+    throughput = _get(results, "suites", "infer", "throughput")
+    for name, variants in throughput.items():
+        eager = variants.get("eager", {})
+        for variant, label in (("channels_last", "channels_last"), ("bf16 autocast", "bf16 autocast")):
+            v = variants.get(variant, {})
+            if reason := _ok(eager, v):
+                rows.append(
+                    {
+                        "path": label,
+                        "where": f"inference, {name}",
+                        "measured": "-",
+                        "verdict": f"not measured: {reason}",
+                    }
+                )
+            else:
+                r = _speed(v, eager)
+                rows.append(
+                    {
+                        "path": label,
+                        "where": f"inference, {name}",
+                        "measured": f"{r:.2f}x slices/s",
+                        "verdict": _verdict(r),
+                    }
+                )
+    volume = _get(results, "suites", "infer", "volume")
+    for name in ("FC-DenseNet56", "DenseUNet"):
+        eager, cl = volume.get(f"{name} eager", {}), volume.get(f"{name} channels_last", {})
+        if not _ok(eager, cl):
+            r = eager["median_s"] / cl["median_s"]
+            rows.append(
+                {
+                    "path": "channels_last",
+                    "where": f"volume latency, {name}",
+                    "measured": f"{r:.2f}x faster",
+                    "verdict": _verdict(r),
+                }
+            )
+    for name, c in _get(results, "suites", "infer", "compile").items():
+        if c.get("status") == "ok" and not _ok(c.get("eager", {}), c.get("compiled", {})):
+            r = _speed(c["compiled"], c["eager"])
+            rows.append(
+                {
+                    "path": "torch.compile (fuses BN+ReLU)",
+                    "where": f"inference, {name}",
+                    "measured": f"{r:.2f}x slices/s (compile {c['compile_s']:.0f} s, excluded)",
+                    "verdict": _verdict(r),
+                }
+            )
+        elif c.get("status") in ("failed", "skipped"):
+            rows.append(
+                {
+                    "path": "torch.compile (fuses BN+ReLU)",
+                    "where": f"inference, {name}",
+                    "measured": "-",
+                    "verdict": f"{c['status']}: {c.get('reason', '')}",
+                }
+            )
+    rows.append(
+        {
+            "path": "torch.compile (fuses BN+ReLU)",
+            "where": "training",
+            "measured": "-",
+            "verdict": "not measured: compiling the backward pass does not fit the suite's time box on this machine",
+        }
+    )
+    dn = _get(results, "suites", "train", "densenet121")
+    tv_me, ours_me = dn.get("torchvision memory-efficient", {}), dn.get("ours memory-efficient", {})
+    if not _ok(tv_me, ours_me):
+        rows.append(
+            {
+                "path": "recompute concat+BN+ReLU in a custom autograd function (ours) against torch.utils.checkpoint (torchvision)",
+                "where": "training, DenseNet-121 memory-efficient",
+                "measured": f"{_speed(ours_me, tv_me):.2f}x speed, {_memory(ours_me, tv_me):.2f}x peak memory",
+                "verdict": _verdict(_speed(ours_me, tv_me)),
+            }
+        )
+    rows.append(
+        {
+            "path": "pre-allocated shared concatenation storage (Pleiss et al.)",
+            "where": "training",
+            "measured": "-",
+            "verdict": "not measured: seg_densenet has no shared-storage variant (its memory-efficient modes recompute)",
+        }
+    )
+    loaders = _get(results, "suites", "data", "loaders")
+    persistent, restarted = (
+        loaders.get("2 workers, persistent", {}),
+        loaders.get("2 workers, restarted each epoch", {}),
+    )
+    if not _ok(persistent, restarted):
+        r = _speed(persistent, restarted)
+        rows.append(
+            {
+                "path": "persistent workers",
+                "where": "data, 2 workers",
+                "measured": f"{r:.2f}x slices/s",
+                "verdict": _verdict(r),
+            }
+        )
+    pinned = loaders.get("2 workers, persistent, pinned memory", {})
+    if device == "cuda" and not _ok(persistent, pinned):
+        r = _speed(pinned, persistent)
+        rows.append(
+            {
+                "path": "pinned memory",
+                "where": "data, 2 workers",
+                "measured": f"{r:.2f}x slices/s",
+                "verdict": _verdict(r),
+            }
+        )
+    else:
+        rows.append(
+            {
+                "path": "pinned memory",
+                "where": "data",
+                "measured": "-",
+                "verdict": "not measured: needs a GPU to copy to",
+            }
+        )
+    cudnn = [(n, v) for n, v in throughput.items() if "cudnn.benchmark" in v]
+    for name, variants in cudnn:
+        if not _ok(variants["eager"], variants["cudnn.benchmark"]):
+            r = _speed(variants["cudnn.benchmark"], variants["eager"])
+            rows.append(
+                {
+                    "path": "cudnn.benchmark",
+                    "where": f"inference, {name}",
+                    "measured": f"{r:.2f}x",
+                    "verdict": _verdict(r),
+                }
+            )
+    if not cudnn:
+        rows.append(
+            {"path": "cudnn.benchmark", "where": "GPU", "measured": "-", "verdict": "not measured: no GPU"}
+        )
+    return rows

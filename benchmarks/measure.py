@@ -1,0 +1,239 @@
+"""Timing and peak memory shared by the suites: interleaved rounds, peak RSS / CUDA peak, machine facts.
+
+Peak memory on the CPU is the process's peak resident set size (``VmHWM``), reset before every call by
+writing "5" to ``/proc/self/clear_refs`` after freed heap memory is handed back to the OS
+(``malloc_trim``). :func:`fix_mmap_threshold` pins glibc's mmap threshold at 128 KiB so that every large
+tensor is mapped and unmapped on its own: RSS then follows the live tensors, and one configuration's
+freed memory cannot hide inside the next one's peak. On a GPU the peak is
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+GB = 1e9
+
+
+def fix_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold at ``nbytes`` (off its adaptive default); False where not glibc."""
+    M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+class MemoryMeter:
+    """Peak memory of one call on ``device``: :meth:`reset` before, :meth:`peak` after (bytes).
+
+    ``before`` is what was already in use at the reset (the models, their gradients and optimizer
+    state, everything else in the process), so ``peak - before`` is what the call itself added.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.before = 0
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the reset below still works
+            pass
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        self.before = _proc_status_kb("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return _proc_status_kb("VmHWM") * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so that a wall-clock interval covers it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Measurement:
+    """Calls of one configuration: seconds, peak bytes and added bytes per measured call.
+
+    ``items``: images or slices one call processes. ``status``: ``ok``, ``skipped`` or ``failed``
+    (``reason`` says why). ``cold_s``: the unmeasured warm-up calls.
+    """
+
+    items: int
+    seconds: list[float] = field(default_factory=list)
+    peak_bytes: list[int] = field(default_factory=list)
+    added_bytes: list[int] = field(default_factory=list)
+    cold_s: list[float] = field(default_factory=list)
+    status: str = "ok"
+    reason: str = ""
+    settings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """JSON-ready: median seconds per call, items/s, peak and added memory (GB, max over calls)."""
+        out = {"status": self.status, **self.settings, "items_per_call": self.items}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.seconds:
+            median = statistics.median(self.seconds)
+            out |= {
+                "seconds": [round(s, 4) for s in self.seconds],
+                "warmup_seconds": [round(s, 4) for s in self.cold_s],
+                "median_s": round(median, 4),
+                "items_per_s": round(self.items / median, 4),
+                "peak_gb": round(max(self.peak_bytes) / GB, 4),
+                "added_gb": round(max(self.added_bytes) / GB, 4),
+            }
+        return out
+
+
+SkipCheck = Callable[[str, dict[str, Measurement]], str | None]
+
+
+def interleave(
+    calls: dict[str, Callable[[], object]],
+    items: dict[str, int],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    max_call_s: float = float("inf"),
+    skip_check: SkipCheck | None = None,
+    settings: dict[str, dict] | None = None,
+) -> dict[str, Measurement]:
+    """Run the calls in turn, round after round (A, B, A, B, ...), so that background load hits all alike.
+
+    ``warmup`` unmeasured rounds come first, then ``repeats`` measured ones. Memory is measured on
+    every call (the peak is the maximum). ``skip_check(name, done)``, asked before a configuration's
+    first call with the measurements so far, returns a reason to skip it (a prediction from smaller
+    configurations) or None. A configuration whose call took longer than ``max_call_s`` gets no further
+    rounds (its measurement is then the calls it had; a lone warm-up call becomes the measurement).
+    A call that raises marks its configuration ``failed`` with the error's first line.
+    """
+    meter = MemoryMeter(device)
+    results = {name: Measurement(items[name], settings=(settings or {}).get(name, {})) for name in calls}
+    stopped: set[str] = set()
+    for round_index in range(warmup + repeats):
+        for name, call in calls.items():
+            result = results[name]
+            if name in stopped or result.status != "ok":
+                continue
+            if round_index == 0 and skip_check is not None:
+                reason = skip_check(name, results)
+                if reason:
+                    result.status, result.reason = "skipped", reason
+                    continue
+            meter.reset()
+            synchronize(device)
+            start = time.perf_counter()
+            try:
+                call()
+                synchronize(device)
+            except Exception as err:  # recorded, not raised: one broken configuration must not end the suite
+                result.status, result.reason = (
+                    "failed",
+                    f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                )
+                continue
+            seconds = time.perf_counter() - start
+            peak = meter.peak()
+            if round_index < warmup:
+                result.cold_s.append(seconds)
+            else:
+                result.seconds.append(seconds)
+                result.peak_bytes.append(peak)
+                result.added_bytes.append(max(peak - meter.before, 0))
+            if seconds > max_call_s:
+                stopped.add(name)
+                if not result.seconds:  # only a warm-up call: keep it rather than nothing
+                    result.seconds.append(result.cold_s.pop())
+                    result.peak_bytes.append(peak)
+                    result.added_bytes.append(max(peak - meter.before, 0))
+                result.reason = f"stopped after {len(result.seconds) + len(result.cold_s)} call(s): one took {seconds:.0f} s > {max_call_s:.0f} s"
+    return results
+
+
+def summaries(results: dict[str, Measurement]) -> dict[str, dict]:
+    return {name: m.summary() for name, m in results.items()}
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (runnable processes; this machine has ``os.cpu_count()`` cores)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown-cpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine_info(device: torch.device) -> dict:
+    """The machine a run measured: name (the results file stem), CPU, cores, RAM, library versions."""
+    import segmentation_models_pytorch as smp
+    import torchvision
+
+    cpu = _cpu_model()
+    try:
+        ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)
+    except (ValueError, OSError):
+        ram_gb = None
+    info = {
+        "node": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": ram_gb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "smp": smp.__version__,
+        "device": device.type,
+    }
+    accelerator = cpu
+    if device.type == "cuda":
+        accelerator = torch.cuda.get_device_name(device)
+        info["gpu"] = accelerator
+        info["cuda"] = torch.version.cuda
+    info["name"] = f"{device.type}-{_slug(platform.node())}-{_slug(accelerator)}"
+    return info

@@ -1,0 +1,358 @@
+"""docs/benchmarks.md and the scaling plots, generated from the results files.
+
+``python -m benchmarks.report [--results DIR] [--docs PATH]`` rewrites the page from every
+``DIR/*.json`` without measuring anything (``python -m benchmarks.run`` does this after each run).
+Results of ``--quick`` runs are smoke tests and are left out when full results exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from benchmarks.goals import fast_paths, goals
+from seg_densenet.utils.atomic import atomic_path, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DOCS = REPO / "docs" / "benchmarks.md"
+
+METHOD = """\
+Each comparison runs in one process with its configurations interleaved (A, B, A, B, ...) after the
+stated warm-up rounds, so background load hits all of them alike; speed is the median over the measured
+calls (images/s, slices/s), and ratios always divide two configurations of the same interleaved run.
+Peak memory on the CPU is the process's peak resident set size (`VmHWM`), reset before every call
+through `/proc/self/clear_refs`, with glibc's mmap threshold fixed at 128 KiB so freed tensors go back
+to the OS at once; *added* is the peak minus the resident memory just before the call (what the step
+itself needed: activations, gradients, workspace). On a GPU the peak is
+`torch.cuda.max_memory_allocated`. Configurations predicted to take longer than the suite's limit per
+call, or to need more memory, are skipped and listed with the prediction. Steps of the FC-DenseNets
+take one to two minutes on this machine, so they run one cold step each (their goal is a memory ratio).
+"""
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _group_table(group: Mapping, reference: str | None, unit: str) -> str:
+    """One row per configuration; ratios against ``reference`` (a configuration of the same group)."""
+    ref = group.get(reference, {}) if reference else {}
+    ref_ok = ref.get("status") == "ok"
+    rows = []
+    for name, c in group.items():
+        if not isinstance(c, Mapping) or "status" not in c:
+            continue
+        if c["status"] != "ok":
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-", f"{c['status']}: {c.get('reason', '')}"])
+            continue
+        speed = c["items_per_s"] / ref["items_per_s"] if ref_ok else None
+        memory = c["peak_gb"] / ref["peak_gb"] if ref_ok else None
+        calls = f"{len(c['warmup_seconds'])} + {len(c['seconds'])}"
+        rows.append(
+            [
+                name,
+                c["items_per_s"],
+                c["median_s"],
+                c["peak_gb"],
+                c["added_gb"],
+                speed,
+                memory,
+                calls,
+                c.get("reason", ""),
+            ]
+        )
+    header = [
+        "configuration",
+        f"{unit}/s",
+        "median s",
+        "peak GB",
+        "added GB",
+        "speed ratio",
+        "memory ratio",
+        "warm-up + measured",
+        "note",
+    ]
+    return _table(header, rows)
+
+
+def scaling_plot(results: Mapping, path: Path) -> Path | None:
+    """Memory and step time against dense-block length, model depth and image size (PNG at ``path``)."""
+    scaling = results.get("suites", {}).get("scaling")
+    if not scaling:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    block = scaling.get("dense_block", {})
+    models = scaling.get("models", {})
+    plan = scaling.get("plan", {})
+    panels = [
+        ("dense block length (layers)", {n: c for n, c in block.items()}, "layers"),
+        (
+            f"FC-DenseNet depth at {plan.get('depth_size')}x{plan.get('depth_size')}",
+            {n: c for n, c in models.items() if f" {plan.get('depth_size')}x" in n},
+            "depth",
+        ),
+        (
+            f"{plan.get('size_model')}: image size (pixels)",
+            {n: c for n, c in models.items() if n.startswith(str(plan.get("size_model")) + " ")},
+            "pixels",
+        ),
+    ]
+    for col, (title, configs, key) in enumerate(panels):
+        for mode, style in (("plain", "o-"), ("memory-efficient", "s-")):
+            points = sorted(
+                (c[key], c) for n, c in configs.items() if n.endswith(mode) and c.get("status") == "ok"
+            )
+            if not points:
+                continue
+            xs = [p[0] for p in points]
+            axes[0, col].plot(xs, [p[1]["added_gb"] for p in points], style, label=mode)
+            axes[1, col].plot(xs, [p[1]["median_s"] for p in points], style, label=mode)
+            if key == "layers" and len(points) > 1:
+                # reference curves through the longest block: c*L^2 (stores every concatenation), c*L (new maps only)
+                power = 2 if mode == "plain" else 1
+                scale = points[-1][1]["added_gb"] / xs[-1] ** power
+                fine = [xs[0] + (xs[-1] - xs[0]) * i / 50 for i in range(51)]
+                label = "reference c*L^2" if power == 2 else "reference c*L"
+                axes[0, col].plot(
+                    fine,
+                    [scale * x**power for x in fine],
+                    ":",
+                    color="grey" if power == 2 else "black",
+                    label=label,
+                )
+        axes[0, col].set_title(title, fontsize=10)
+        axes[0, col].set_ylabel("memory added by a training step (GB)")
+        axes[1, col].set_ylabel("step time (s)")
+        axes[1, col].set_xlabel(key)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(
+        f"Training-step memory and time, plain against memory-efficient ({results['machine']['name']})"
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _machine_section(results: Mapping, docs_path: Path, plot: Path | None) -> str:
+    m = results["machine"]
+    load = results.get("load_average", {})
+    out = [f"## {m['name']}", ""]
+    metas = {name: suite.get("meta", {}) for name, suite in results["suites"].items()}
+    commands = {meta.get("command", results["command"]) for meta in metas.values()}
+    total = sum(meta.get("wall_s", 0.0) for meta in metas.values())
+    out.append(f"- Command: {', then '.join(f'`{c}`' for c in sorted(commands))}")
+    out.append(f"- Date: {results['date']} (wall time of the suites below: {total / 60:.1f} min)")
+    machine = f"{m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM"
+    if m.get("gpu"):
+        machine += f"; GPU {m['gpu']} (CUDA {m.get('cuda')})"
+    out.append(f"- Machine: {machine}; node `{m['node']}`; {m['os']}")
+    out.append(
+        f"- Software: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, smp {m['smp']}"
+    )
+    out.append(
+        f"- Threads: `torch.set_num_threads({results['threads']})`; device `{m['device']}`; suites: {', '.join(results['suites'])}"
+    )
+    out.append(
+        f"- Load average (1, 5, 15 min) before: {load.get('before')}, after: {load.get('after')}. "
+        "The machine was shared with other work during the run, so absolute speeds are low and noisy; "
+        "the ratios come from interleaved configurations and are the figures to read."
+    )
+    if m["device"] != "cuda":
+        out.append(
+            "- GPU figures are not measured: no GPU was lent for this run. `--device cuda` runs the same suites "
+            "with `torch.cuda.synchronize`, `torch.cuda.max_memory_allocated`, `cudnn.benchmark` and pinned memory."
+        )
+    if results.get("quick"):
+        out.append("- **Quick mode** (tiny sizes, a smoke test): the numbers say nothing about speed.")
+    runs = [
+        [
+            name,
+            f"`{meta.get('command', results['command'])}`",
+            meta.get("date"),
+            meta.get("wall_s"),
+            str(meta.get("load_average", {}).get("before")),
+            str(meta.get("load_average", {}).get("after")),
+        ]
+        for name, meta in metas.items()
+    ]
+    out += ["", _table(["suite", "command", "date", "wall s", "load before", "load after"], runs)]
+    out += ["", "### Goals", ""]
+    met_text = {True: "met", False: "**not met**", None: "-"}
+    out.append(
+        _table(
+            ["goal", "measured", "met", "note"],
+            [[g["goal"], g["measured"], met_text[g["met"]], g["note"]] for g in goals(results)],
+        )
+    )
+    out += ["", "### Fast paths", "", "Kept only where the numbers justify them (at least 1.05x).", ""]
+    out.append(
+        _table(
+            ["fast path", "where", "measured", "verdict"],
+            [[r["path"], r["where"], r["measured"], r["verdict"]] for r in fast_paths(results)],
+        )
+    )
+    suites = results["suites"]
+    if "train" in suites:
+        t = suites["train"]
+        plan = t["plan"]
+        out += ["", "### Training step", ""]
+        out.append(
+            f"One step = forward, cross-entropy, backward, SGD update. DenseNet-121: batch {plan['batch']}, "
+            f"{plan['size']}x{plan['size']}, 3 channels, 1000 classes, same weights; segmentation: 1 channel, 4 classes."
+        )
+        out += [
+            "",
+            "DenseNet-121 (ratios against torchvision plain):",
+            "",
+            _group_table(t["densenet121"], "torchvision plain", "images"),
+        ]
+        out += [
+            "",
+            "Segmentation (ratios against smp Unet(densenet121)):",
+            "",
+            _group_table(t["segmentation"], "smp Unet(densenet121)", "images"),
+        ]
+        out += [
+            "",
+            "FC-DenseNet (ratios against FC-DenseNet103 plain):",
+            "",
+            _group_table(t["fc_densenet"], "FC-DenseNet103 plain", "images"),
+        ]
+    if "infer" in suites:
+        i = suites["infer"]
+        plan = i["plan"]
+        out += ["", "### Inference", ""]
+        out.append(
+            f"Eval mode under `torch.inference_mode`; slices/s on batches of {plan['batch']} slices of "
+            f"{plan['size']}x{plan['size']}; ratios against fp32 eager. CPU has native bf16: {i.get('cpu_native_bf16', '-')}."
+        )
+        for name, group in i["throughput"].items():
+            out += ["", f"{name}:", "", _group_table(group, "eager", "slices")]
+        shape = plan["volume_shape"]
+        out += [
+            "",
+            f"Whole volume ({shape[0]}x{shape[1]} in-plane, {shape[2]} slices) through `Predictor.predict` "
+            "(preprocessing, network, inverse mapping; no TTA; model loading excluded):",
+            "",
+            _group_table(i["volume"], None, "slices"),
+        ]
+        rows = []
+        for name, c in i["compile"].items():
+            if c.get("status") == "ok":
+                e, k = c["eager"], c["compiled"]
+                rows.append(
+                    [
+                        name,
+                        c["compile_s"],
+                        e["items_per_s"],
+                        k["items_per_s"],
+                        k["items_per_s"] / e["items_per_s"],
+                        "ok",
+                    ]
+                )
+            else:
+                rows.append([name, "-", "-", "-", "-", f"{c['status']}: {c.get('reason', '')}"])
+        out += ["", "`torch.compile` (child process, time-boxed; compile time excluded from slices/s):", ""]
+        out.append(
+            _table(["model", "compile s", "eager slices/s", "compiled slices/s", "ratio", "status"], rows)
+        )
+    if "data" in suites:
+        d = suites["data"]
+        plan = d["plan"]
+        out += ["", "### Data", ""]
+        out.append(
+            f"`SegmentationDataModule.train_dataloader()` over a {plan['patients']}-patient synthetic phantom, "
+            f"crop {plan['crop']}x{plan['crop']}, batch {plan['batch']}, augmentation `{d['augmentation']}`, from "
+            f"the filled cache (filling it took {d['cache_fill_s']:.1f} s); one call = one epoch. Ratios against 0 workers."
+        )
+        out += ["", _group_table(d["loaders"], "0 workers", "slices")]
+    if "scaling" in suites:
+        s = suites["scaling"]
+        plan = s["plan"]
+        out += ["", "### Scaling", ""]
+        out.append(
+            f"Training steps at batch {plan['batch']} (dense block: batch {plan['block_batch']}, "
+            f"{plan['block_size']}x{plan['block_size']}, 48 input maps, k=16). The plain dense block stores "
+            "every layer's concatenation and BN output, so its memory grows with the square of its length; "
+            "the memory-efficient one stores only the new maps and grows linearly. Whole FC-DenseNets mix "
+            "block lengths and widths, and all memory grows linearly with the pixel count."
+        )
+        if plot is not None:
+            rel = os.path.relpath(plot, docs_path.parent)
+            out += ["", f"![scaling]({rel})"]
+        out += ["", "Dense block:", "", _group_table(s["dense_block"], None, "images")]
+        out += ["", "FC-DenseNets:", "", _group_table(s["models"], None, "images")]
+    return "\n".join(out)
+
+
+def render(results_list: list[Mapping], docs_path: Path, plots: list[Path | None]) -> str:
+    head = [
+        "# Benchmarks",
+        "",
+        "<!-- generated by `python -m benchmarks.run` (or `python -m benchmarks.report`) from "
+        "benchmarks/results/*.json: do not edit by hand -->",
+        "",
+        "Run: `python -m benchmarks.run --suite all|train|infer|data|scaling [--device cpu|cuda] [--quick]`; "
+        "results go to `benchmarks/results/<machine>.json` and this page is regenerated from them "
+        "(`python -m benchmarks.report` rewrites it without measuring).",
+        "",
+        METHOD,
+    ]
+    sections = [_machine_section(r, docs_path, p) for r, p in zip(results_list, plots)]
+    return "\n".join(head) + "\n" + "\n\n".join(sections) + "\n"
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    """Every results file in ``results_dir``; quick-mode ones only when there is nothing else."""
+    found = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    full = [r for r in found if not r.get("quick")]
+    return full or found
+
+
+def write_docs(results_dir: Path = RESULTS, docs_path: Path = DOCS) -> Path:
+    """Plots next to the results files, then the page at ``docs_path``; returns ``docs_path``."""
+    results_list = load_results(results_dir)
+    plots = [
+        scaling_plot(
+            r, results_dir / f"{r['machine']['name']}{'-quick' if r.get('quick') else ''}-scaling.png"
+        )
+        for r in results_list
+    ]
+    docs_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(docs_path, render(results_list, docs_path, plots))
+    return docs_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Regenerate docs/benchmarks.md from the results files.")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    args = parser.parse_args()
+    print(write_docs(args.results, args.docs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Suite ``train``: one training step (forward, cross-entropy, backward, SGD update), plain and memory-efficient.
+
+Groups, each interleaved in one process run:
+
+* ``densenet121``: torchvision's DenseNet-121 against ours (same weights), ``(B, 3, S, S)``, 1000 classes.
+* ``segmentation``: DenseUNet (plain and memory-efficient) against smp's Unet(densenet121),
+  ``(B, 1, S, S)``, 4 classes.
+* ``fc_densenet``: FC-DenseNet56 and FC-DenseNet103, same input. A step of these takes one to two
+  minutes on two CPU cores, so by default each runs a single cold step (their goal is a memory ratio).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from benchmarks.measure import SkipCheck, interleave, summaries
+from seg_densenet.models import build_model
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """batch/size/warmup/repeats of the DenseNet-121 and segmentation groups, ``fc_*`` of the FC-DenseNets;
+    ``max_call_s``: a configuration whose step took longer gets no further rounds."""
+
+    batch: int = 8
+    size: int = 224
+    warmup: int = 1
+    repeats: int = 2
+    fc_batch: int = 8
+    fc_warmup: int = 0
+    fc_repeats: int = 1
+    max_call_s: float = 150.0
+
+
+PLANS = {
+    "full": TrainPlan(),
+    "quick": TrainPlan(batch=2, size=32, warmup=0, repeats=1, fc_batch=2),
+    "cuda": TrainPlan(warmup=3, repeats=10, fc_warmup=3, fc_repeats=10),
+}
+
+
+def set_memory_efficient(model: nn.Module, value: bool) -> None:
+    """Switch every dense layer (ours and torchvision's read the flag at run time) to recompute or store."""
+    for m in model.modules():
+        if hasattr(m, "memory_efficient"):
+            m.memory_efficient = value
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    memory_efficient: bool,
+) -> Callable[[], None]:
+    """A call running one SGD step of ``model`` on ``x`` (B, C, H, W) with targets ``y`` (class ids)."""
+
+    def step() -> None:
+        set_memory_efficient(model, memory_efficient)
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def run_group(
+    models: dict[str, tuple[nn.Module, bool]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    max_call_s: float,
+    skip_check: SkipCheck | None = None,
+) -> dict:
+    """Interleaved training steps of ``models`` ({config name: (model, memory_efficient)}) on ``x``, ``y``.
+
+    A model listed twice (plain and memory-efficient) keeps one optimizer, so both configurations
+    update the same momentum buffers, as one model trained with the flag switched would.
+    """
+    optimizers: dict[int, torch.optim.Optimizer] = {}
+    steps = {}
+    # A priming step per configuration on a small crop, outside any measurement: it allocates the
+    # optimizer's momentum buffers and builds the kernels, which would otherwise land on the first
+    # measured configuration of each model (the FC-DenseNets have no warm-up round on a CPU).
+    s = min(64, x.shape[-1])
+    x_small, y_small = x[..., :s, :s], (y[..., :s, :s] if y.dim() == 3 else y)
+    for name, (model, memory_efficient) in models.items():
+        if id(model) not in optimizers:
+            optimizers[id(model)] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        training_step(model, optimizers[id(model)], x_small, y_small, memory_efficient)()
+        steps[name] = training_step(model, optimizers[id(model)], x, y, memory_efficient)
+    settings = {
+        name: {"batch": x.shape[0], "size": list(x.shape[-2:]), "memory_efficient": me}
+        for name, (_, me) in models.items()
+    }
+    results = interleave(
+        steps,
+        dict.fromkeys(steps, x.shape[0]),
+        device,
+        warmup=warmup,
+        repeats=repeats,
+        max_call_s=max_call_s,
+        skip_check=skip_check,
+        settings=settings,
+    )
+    return summaries(results)
+
+
+def densenet121_group(plan: TrainPlan, device: torch.device) -> dict:
+    """torchvision's DenseNet-121 against ours with the same weights, plain and memory-efficient."""
+    torch.manual_seed(0)
+    reference = torchvision.models.densenet121(weights=None).to(device).train()
+    ours = build_model("densenet121").to(device).train()
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(plan.batch, 3, plan.size, plan.size, device=device)
+    y = torch.randint(0, 1000, (plan.batch,), device=device)
+    models = {
+        "torchvision plain": (reference, False),
+        "torchvision memory-efficient": (reference, True),
+        "ours plain": (ours, False),
+        "ours memory-efficient": (ours, True),
+    }
+    return run_group(models, x, y, device, plan.warmup, plan.repeats, plan.max_call_s)
+
+
+def _segmentation_inputs(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(batch, 1, size, size, device=device)
+    y = torch.randint(0, 4, (batch, size, size), device=device)
+    return x, y
+
+
+def segmentation_group(plan: TrainPlan, device: torch.device) -> dict:
+    """DenseUNet (plain, memory-efficient) against smp Unet(densenet121), 1 channel, 4 classes."""
+    torch.manual_seed(0)
+    smp_unet = build_model("smp_unet", in_channels=1, num_classes=4).to(device).train()
+    dense_unet = build_model("dense_unet", in_channels=1, num_classes=4).to(device).train()
+    x, y = _segmentation_inputs(plan.batch, plan.size, device)
+    models = {
+        "smp Unet(densenet121)": (smp_unet, False),
+        "DenseUNet plain": (dense_unet, False),
+        "DenseUNet memory-efficient": (dense_unet, True),
+    }
+    return run_group(models, x, y, device, plan.warmup, plan.repeats, plan.max_call_s)
+
+
+def fc_densenet_group(plan: TrainPlan, device: torch.device) -> dict:
+    """FC-DenseNet56 (plain) and FC-DenseNet103 (plain, memory-efficient), 1 channel, 4 classes."""
+    torch.manual_seed(0)
+    fc56 = build_model("fc_densenet56", in_channels=1, num_classes=4).to(device).train()
+    fc103 = build_model("fc_densenet103", in_channels=1, num_classes=4).to(device).train()
+    x, y = _segmentation_inputs(plan.fc_batch, plan.size, device)
+    models = {
+        "FC-DenseNet56 plain": (fc56, False),
+        "FC-DenseNet103 plain": (fc103, False),
+        "FC-DenseNet103 memory-efficient": (fc103, True),
+    }
+    return run_group(models, x, y, device, plan.fc_warmup, plan.fc_repeats, plan.max_call_s)
+
+
+def run(plan: TrainPlan, device: torch.device, log: Callable[[str], None] = print) -> dict:
+    out = {"plan": asdict(plan)}
+    for name, group in (
+        ("densenet121", densenet121_group),
+        ("segmentation", segmentation_group),
+        ("fc_densenet", fc_densenet_group),
+    ):
+        log(f"train/{name} ...")
+        out[name] = group(plan, device)
+    return out
