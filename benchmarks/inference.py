@@ -59,6 +59,7 @@ class InferPlan:
     compile_timeout_s: float = 150.0
     max_call_s: float = 40.0
     volume_max_call_s: float = 60.0
+    volume_models: tuple[str, ...] = ("FC-DenseNet56", "DenseUNet")  # the models the goals name
 
 
 PLANS = {
@@ -183,6 +184,9 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
     preprocessor = Preprocessor(normalization="zscore", target_spacing=None, crop_size=None)
     calls, skipped = {}, {}
     for name in MODELS:
+        if name not in plan.volume_models:
+            skipped[name] = "volume latency is measured for the models in volume_models (the goals' models)"
+            continue
         if name == "smp Unet(densenet121)" and (x_size % 32 or y_size % 32):
             skipped[name] = f"smp needs H and W divisible by 32; the volume is {x_size}x{y_size}"
             continue

@@ -26,7 +26,9 @@ class CSVLogger(loggers.CSVLogger):
             return self._experiment
         kept = self._kept_rows()
         experiment = super().experiment
-        experiment.metrics[:0] = kept
+        # ranks other than 0 get Lightning's dummy experiment, which writes nothing
+        if kept and isinstance(getattr(experiment, "metrics", None), list):
+            experiment.metrics[:0] = kept
         return experiment
 
     def _kept_rows(self) -> list[dict]:
