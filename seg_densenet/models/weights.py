@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from seg_densenet.checkpoint import safe_torch_load
+from seg_densenet.checkpoint import _listing, _one_line, safe_torch_load
 from seg_densenet.errors import CheckpointError, ConfigError
 from seg_densenet.models.densenet import init_weights
 
@@ -170,15 +170,3 @@ def _adapt_stem(weight: Tensor, target: torch.Size, mode: str, path: Path) -> Te
         return weight.sum(1, keepdim=True) if mode == "sum" else weight.mean(1, keepdim=True)
     # Tiling keeps each source filter; the scale keeps the response to an image of equal channels.
     return weight.repeat(1, math.ceil(dst / src), 1, 1)[:, :dst] * (src / dst)
-
-
-def _listing(what: str, keys: list[str], shown: int = 5) -> str:
-    if not keys:
-        return ""
-    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
-    return f"{len(keys)} {what} keys ({', '.join(keys[:shown])}{more})"
-
-
-def _one_line(err: Exception) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text[:200]
