@@ -1,13 +1,18 @@
 """Export to ONNX: ``python -m seg_densenet.export ckpt=PATH format=onnx output=FILE``.
 
-The graph takes ``(B, 1, H, W)`` float32 slices (already normalised as in training) with a dynamic
-batch and returns logits ``(B, C, H, W)``. The image size is fixed at export (``image_size``): the
-networks crop each upsampled map to its skip's size, and torch's ONNX exporter (torch 2.14) does not
-carry that crop arithmetic over for symbolic sizes (torch.export itself handles multiples of 32, but
-onnxruntime then fails on a concatenation), so a dynamic image size would give wrong graphs. Export
-once per acquisition size, or pad/crop slices to ``image_size`` (``seg_densenet.predict`` takes any
-size in PyTorch). After export, onnxruntime runs the file on a
-random batch and the largest difference to PyTorch must stay under ``tolerance`` (default 1e-4).
+The graph takes ``(B, 1, H, W)`` float32 slices (already normalised as in training) and returns logits
+``(B, C, H, W)``; batch, height and width are all dynamic (any H, W >= 32 for the DenseNet models,
+multiples of 32 for smp's Unet). ``image_size`` is only the size of the example used to trace the model.
+
+The graph is built by torch's TorchScript-based exporter (``dynamo=False``): the networks crop each
+upsampled map to its skip's size, and that exporter records the crop arithmetic as shape operations, so
+the graph is right for every size. The torch.export-based exporter of torch 2.14 (``dynamo=True``)
+specialises that arithmetic for symbolic sizes and gives wrong logits (differences above 1) at sizes
+other than the example's, so it is used only where the image size is fixed (``dynamic_size=false``).
+
+After export, onnxruntime runs the file on random batches of other batch sizes and other image sizes
+(one of them odd-sized) and the largest difference to PyTorch must stay under ``tolerance`` (default
+1e-4); otherwise the file is not written.
 """
 
 from __future__ import annotations
@@ -28,8 +33,21 @@ from seg_densenet.utils.cli import check_overrides, run_cli
 FORMATS = ("onnx",)
 
 
+def check_sizes(image_size: tuple[int, int], dynamic_size: bool, model_name: str | None) -> list[tuple[int, ...]]:
+    """Shapes ``(B, H, W)`` the exported graph is checked on: other batch sizes, and with a dynamic image
+    size also a larger and a smaller, odd-sized image (multiples of 32 for smp's Unet)."""
+    height, width = image_size
+    shapes = [(3, height, width)]
+    if dynamic_size:
+        if model_name == "smp_unet":
+            shapes += [(1, height + 32, width + 64), (2, max(height - 32, 32), max(width - 32, 32))]
+        else:
+            shapes += [(1, height + 24, width + 40), (2, max(height - 13, 32), max(width - 7, 32))]
+    return shapes
+
+
 def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, image_size=(224, 224),
-                tolerance: float = 1e-4) -> float:
+                dynamic_size: bool = True, tolerance: float = 1e-4) -> float:
     """Write ``output`` (ONNX) from a segmentation checkpoint; returns the checked max |difference|."""
     import onnxruntime as ort
 
@@ -40,25 +58,36 @@ def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, image_
     model.eval()
     in_channels = int(record["model"].get("in_channels", 1))
     height, width = (int(n) for n in image_size)
-    # batch 2: an example of size 1 would be specialised by torch.export
+    # batch 2: an example of size 1 would be specialised by the exporter
     example = torch.randn(2, in_channels, height, width)
-    batch = torch.export.Dim("batch", min=1, max=1024)
     with atomic_path(output) as tmp:
-        torch.onnx.export(
-            model, (example,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=opset,
-            dynamo=True, external_data=False,
-            dynamic_shapes=({0: batch},),
-        )
-        x = torch.randn(3, in_channels, height, width)  # another batch size than the example
-        with torch.inference_mode():
-            expected = model(x).numpy()
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"image": x.numpy()})[0]
-        diff = float(np.abs(got - expected).max())
-        if got.shape != expected.shape or diff >= tolerance:
-            raise SegDenseNetError(
-                f"{output}: ONNX check failed: shape {got.shape} vs {expected.shape}, max difference {diff:.2e}"
+        if dynamic_size:
+            axes = {0: "batch", 2: "height", 3: "width"}
+            torch.onnx.export(
+                model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                opset_version=opset, dynamo=False, dynamic_axes={"image": axes, "logits": axes},
             )
+        else:
+            torch.onnx.export(
+                model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                opset_version=opset, dynamo=True, external_data=False,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
+            )
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        diff = 0.0
+        generator = torch.Generator().manual_seed(0)
+        for batch, h, w in check_sizes((height, width), dynamic_size, record["model"].get("name")):
+            x = torch.randn(batch, in_channels, h, w, generator=generator)
+            with torch.inference_mode():
+                expected = model(x).numpy()
+            got = session.run(None, {"image": x.numpy()})[0]
+            if got.shape != expected.shape:
+                raise SegDenseNetError(f"{output}: ONNX check failed at input {tuple(x.shape)}: output shape "
+                                       f"{got.shape}, PyTorch gives {expected.shape}")
+            diff = max(diff, float(np.abs(got - expected).max()))
+            if diff >= tolerance:
+                raise SegDenseNetError(f"{output}: ONNX check failed at input {tuple(x.shape)}: max difference "
+                                       f"{diff:.2e} to PyTorch (tolerance {tolerance:g})")
     return diff
 
 
@@ -67,8 +96,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     def run() -> None:
         if cfg.format not in FORMATS:
             raise ConfigError(f"format={cfg.format}: valid formats are {', '.join(FORMATS)}")
-        diff = export_onnx(cfg.ckpt, cfg.output, opset=cfg.opset, image_size=tuple(cfg.image_size))
-        print(f"wrote {cfg.output} (onnxruntime vs PyTorch: max difference {diff:.2e})")
+        diff = export_onnx(cfg.ckpt, cfg.output, opset=cfg.opset, image_size=tuple(cfg.image_size),
+                           dynamic_size=cfg.dynamic_size, tolerance=cfg.tolerance)
+        size = "dynamic batch and image size" if cfg.dynamic_size else f"dynamic batch, image size {list(cfg.image_size)}"
+        print(f"wrote {cfg.output} ({size}; onnxruntime vs PyTorch: max difference {diff:.2e})")
 
     run_cli(run)
 

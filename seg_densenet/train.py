@@ -170,6 +170,9 @@ def classifier_config(cfg: DictConfig) -> DictConfig:
     name = model.get("name")
     if name == "dense_unet":
         params = dict(_container(model.get("encoder_params")) or {})
+        for key in ("growth_rate", "block_config", "num_init_features", "bn_size"):
+            if model.get(key) is not None:
+                params[key] = _container(model.get(key))
         return OmegaConf.create({
             "_target_": "seg_densenet.models.build_densenet", "name": model.encoder,
             "in_channels": model.in_channels, "drop_rate": 0.0, **params,
@@ -254,7 +257,7 @@ def _scalars(metrics) -> dict[str, float]:
 
 
 def _container(node) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _is_global_zero() -> bool:

@@ -82,6 +82,36 @@ def test_training_crop_is_centred_on_the_heart(tmp_path):
     assert (centre_crop > 0).sum() < (full > 0).sum()
 
 
+def test_crop_jitter_moves_crops_reproducibly_and_keeps_image_and_mask_aligned(tmp_path):
+    root = write_dataset(tmp_path / "data", 5, shape=(56, 64, 3), spacing=SPACING, center=(28, 32))
+    dm = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), crop_jitter=6)
+    dm.setup()
+    still = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32)).train_dataset
+
+    def items(seed):
+        torch.manual_seed(seed)
+        return [dm.train_dataset()[k] for k in range(6)]
+
+    first, again, other = items(0), items(0), items(1)
+    for a, b in zip(first, again):  # same torch seed, same crops
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert any(not torch.equal(a["mask"], b["mask"]) for a, b in zip(first, other))
+    dm_still = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32))
+    dm_still.setup()
+    centred = [dm_still.train_dataset()[k] for k in range(6)]
+    assert any(not torch.equal(a["mask"], c["mask"]) for a, c in zip(first, centred))
+    # every jittered crop is a window of the full slice: image and mask cut at the same place
+    for k, item in enumerate(first):
+        i, z = dm.train_dataset().index[k]
+        image, mask = (np.asarray(a[z]) for a in dm.entries["train"][i].load())
+        hits = [(y, x) for y in range(image.shape[0] - 31) for x in range(image.shape[1] - 31)
+                if np.array_equal(image[y:y + 32, x:x + 32], item["image"][0].numpy())]
+        assert hits and any(np.array_equal(mask[y:y + 32, x:x + 32], item["mask"].numpy()) for y, x in hits)
+    del still
+    with pytest.raises(ConfigError, match="crop_jitter"):
+        make_dm(root, tmp_path / "cache", crop_jitter=-1)
+
+
 def test_second_setup_uses_the_cache(dataset, tmp_path):
     first = make_dm(dataset, tmp_path / "cache")
     first.setup()

@@ -47,6 +47,35 @@ def test_forward_backward_grid(in_channels, num_classes, size, upsample):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_named_encoder_architecture_equals_encoder_params():
+    torch.manual_seed(0)
+    named = DenseUNet(**SMALL, decoder_layers=(1, 1, 1, 1, 0), decoder_growth_rate=4)
+    torch.manual_seed(0)
+    params = DenseUNet(encoder_params=SMALL, decoder_layers=(1, 1, 1, 1, 0), decoder_growth_rate=4)
+    assert named.encoder.feature_channels == params.encoder.feature_channels
+    for (ka, va), (kb, vb) in zip(named.state_dict().items(), params.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    # the named arguments win over encoder_params
+    wider = DenseUNet(growth_rate=6, encoder_params=SMALL, decoder_layers=(1, 1, 1, 1, 0), decoder_growth_rate=4)
+    assert wider.encoder.feature_channels[1] == 8 + 6
+
+
+def test_input_skip_feeds_the_image_to_the_full_resolution_stage():
+    torch.manual_seed(0)
+    plain = small()
+    skip = small(input_skip=True)
+    assert skip.decoder.blocks[-1].layers[0].norm.num_features == plain.decoder.blocks[-1].layers[0].norm.num_features + 1
+    x = torch.randn(2, 1, 45, 38, requires_grad=True)
+    out = skip(x)
+    assert out.shape == (2, 4, 45, 38)
+    # the last stage's first layer sees the raw image: its weights for that channel get a gradient
+    out.square().mean().backward()
+    conv = skip.decoder.blocks[-1].layers[0].conv
+    assert conv.weight.grad[:, -1].abs().sum() > 0
+    with pytest.raises(ValueError, match="pass image="):
+        skip.decoder(skip.encoder(x), x.shape[-2:])
+
+
 def test_encoder_taps_and_decoder_plan_of_densenet121():
     model = DenseUNet("densenet121", in_channels=1, num_classes=4)
     assert model.encoder.feature_channels == [64, 256, 512, 1024, 1024]

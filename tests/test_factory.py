@@ -91,7 +91,7 @@ def test_dense_unet_small_inherits_from_dense_unet():
         small = compose(overrides=["+model=dense_unet_small"]).model
     assert small.encoder == base.encoder == "densenet121"
     assert small.upsample == base.upsample
-    assert small.encoder_params is not None and base.encoder_params is None
+    assert small.growth_rate == 12 and base.growth_rate is None
     cfg = OmegaConf.create({"data": {"in_channels": 1, "num_classes": 4}, "model": small})
     model = instantiate(cfg.model)
     assert isinstance(model, DenseUNet)

@@ -12,6 +12,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from seg_densenet.config import REPO_ROOT
 from tests.conftest import run_cli
@@ -117,9 +118,17 @@ def test_export_onnx_matches_pytorch(trained_ckpt, tmp_path):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    for shape in [(1, 1, 96, 112), (5, 1, 96, 112)]:  # dynamic batch
-        logits = session.run(None, {"image": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})[0]
+    from seg_densenet.checkpoint import load_model
+
+    model, _ = load_model(trained_ckpt)
+    model.eval()
+    for shape in [(1, 1, 96, 112), (5, 1, 96, 112), (2, 1, 133, 97), (1, 1, 216, 256)]:  # dynamic batch and size
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        logits = session.run(None, {"image": x})[0]
         assert logits.shape == (shape[0], 4, *shape[2:])
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(x)).numpy()
+        assert np.abs(logits - expected).max() < 1e-4
 
 
 def test_large_volume_is_predicted_within_a_memory_budget(trained_ckpt, tmp_path):

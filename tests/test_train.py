@@ -153,21 +153,26 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
 
 
 @pytest.mark.slow
-def test_two_job_multirun(tmp_path, synthetic_root):
+def test_four_job_multirun_over_growth_rate_and_lr(tmp_path, synthetic_root):
+    """The issue's sweep, ``-m model.growth_rate=12,16 optim.lr=1e-3,3e-4``: four jobs, four directories."""
     sweep = tmp_path / "sweep"
     result = run_cli(["-m", "seg_densenet.train", "-m", *quick_overrides(tmp_path, synthetic_root), "task=segment",
-                      "optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep}"])
+                      "model.growth_rate=12,16", "optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [p.name for p in jobs] == ["0", "1"]
-    lrs = [json.loads((j / "summary.json").read_text()) and OmegaConf.load(j / ".hydra" / "config.yaml").optim.lr
-           for j in jobs]
-    assert lrs == [1e-3, 3e-4]
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    swept = []
+    for job in jobs:
+        assert json.loads((job / "summary.json").read_text())["metrics"]["val/dice"] >= 0
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        swept.append((cfg.model.growth_rate, cfg.optim.lr))
+    assert sorted(swept) == sorted([(12, 1e-3), (12, 3e-4), (16, 1e-3), (16, 3e-4)])
     # the sweep report is written at the end of the multirun, and on demand
     for name in ("sweep.csv", "sweep.md", "sweep.png"):
         assert (sweep / name).is_file()
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
-    assert [float(r["optim.lr"]) for r in rows] == [1e-3, 3e-4] and all(r["val/dice_best"] for r in rows)
+    assert sorted((int(r["model.growth_rate"]), float(r["optim.lr"])) for r in rows) == sorted(swept)
+    assert all(r["val/dice_best"] for r in rows)
     (sweep / "sweep.md").unlink()
     result = run_cli(["-m", "seg_densenet.sweep_report", str(sweep)])
     assert result.returncode == 0 and (sweep / "sweep.md").is_file()

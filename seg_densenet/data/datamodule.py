@@ -35,6 +35,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     mapping (``None``: ACDC); label_mapping: source label value -> ACDC value (``None``: identity).
     synthetic: ``{"patients": N, "seed": S}`` (optionally ``"image_size": [X, Y]``) to generate the synthetic phantom into ``root`` when
     it is not complete there, or ``None``.
+    crop_jitter: training crops are centred up to this many pixels away from the labels' centre.
     normalization, percentiles, target_spacing (in-plane mm), crop_size (training ``(H, W)``): see
     :class:`~seg_densenet.data.preprocess.Preprocessor`; validation/test volumes are not cropped.
     cache_dir: where preprocessed volumes are kept (:mod:`~seg_densenet.data.cache`).
@@ -60,6 +61,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         percentiles: Sequence[float] | None = (0.5, 99.5),
         target_spacing: Sequence[float] | None = None,
         crop_size: Sequence[int] | None = (128, 128),
+        crop_jitter: int = 0,
         cache_dir: str | Path = "data/cache",
         fold: int = 0,
         n_folds: int = 5,
@@ -92,6 +94,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic else None
         self.preprocessor = Preprocessor(normalization, percentiles, target_spacing, crop_size=None)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
+        if crop_jitter < 0:
+            raise ConfigError(f"data.crop_jitter: must be >= 0 pixels, got {crop_jitter}")
+        self.crop_jitter = int(crop_jitter)
         self.cache_dir = Path(cache_dir)
         self.fold, self.n_folds, self.val_fraction, self.seed = fold, n_folds, val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -166,7 +171,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------------
     def train_dataset(self) -> SliceDataset:
         augment = WorkerSeededAugment(self.augmentation) if self.augmentation is not None else None
-        return SliceDataset(self.entries["train"], self.crop_size, augment)
+        return SliceDataset(self.entries["train"], self.crop_size, augment, self.crop_jitter)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

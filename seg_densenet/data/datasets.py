@@ -37,15 +37,20 @@ class _CachedArrays:
             self._open[i] = self.entries[i].load(mmap=True)
         return self._open[i]
 
-    def crop(self, i: int, z: int, size: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
-        """Slice ``z`` of entry ``i``, cropped/padded to ``size`` around the entry's label centre."""
+    def crop(self, i: int, z: int, size: Sequence[int] | None,
+             offset: Sequence[int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``z`` of entry ``i``, cropped/padded to ``size`` around the entry's label centre moved
+        by ``offset`` pixels (the crop stays inside the array)."""
         image, mask = self.arrays(i)
         img, msk = np.asarray(image[z], dtype=np.float32), np.asarray(mask[z])
         if size is None:
             return img, msk
         # centring on the volume's labels (not each slice's) keeps the heart inside the crop while
         # leaving its position natural, and is the same for every slice of a volume
-        shift = center_shift(img.shape, size, self.entries[i].label_center)
+        center = self.entries[i].label_center
+        if center is not None and any(offset):
+            center = [c + o for c, o in zip(center, offset)]
+        shift = center_shift(img.shape, size, center)
         return place(img, size, shift, fill=float(img.min())), place(msk, size, shift, fill=0)
 
 
@@ -53,7 +58,10 @@ class SliceDataset(Dataset):
     """Training slices. Item: ``{"image": (1, H, W) float32, "mask": (H, W) int64, "case": "patient001_ED"}``.
 
     crop_size: ``(H, W)`` of every item (``None``: keep each volume's size, batches then need equal
-    sizes); augment: a callable ``(image, mask) -> (image, mask)`` on numpy slices, e.g.
+    sizes); crop_jitter: the crop's centre moves from the volume's label centre by up to this many
+    pixels per axis, uniformly at random (torch's generator, so worker seeding makes it reproducible),
+    so that the network also sees the heart off-centre and more of the surrounding anatomy; augment: a
+    callable ``(image, mask) -> (image, mask)`` on numpy slices, e.g.
     :class:`~seg_densenet.data.transforms.WorkerSeededAugment`.
     """
 
@@ -62,10 +70,14 @@ class SliceDataset(Dataset):
         entries: Sequence[CachedVolume],
         crop_size: Sequence[int] | None = None,
         augment: Callable | None = None,
+        crop_jitter: int = 0,
     ):
         self.store = _CachedArrays(entries)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.augment = augment
+        if crop_jitter < 0:
+            raise ValueError(f"crop_jitter must be >= 0, got {crop_jitter}")
+        self.crop_jitter = int(crop_jitter)
         self.index = [(i, z) for i, e in enumerate(self.store.entries) for z in range(e.n_slices)]
 
     def __len__(self) -> int:
@@ -73,7 +85,10 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         i, z = self.index[k]
-        image, mask = self.store.crop(i, z, self.crop_size)
+        offset = (0, 0)
+        if self.crop_jitter:
+            offset = tuple(torch.randint(-self.crop_jitter, self.crop_jitter + 1, (2,)).tolist())
+        image, mask = self.store.crop(i, z, self.crop_size, offset)
         if self.augment is not None:
             image, mask = self.augment(image, mask)
         return {

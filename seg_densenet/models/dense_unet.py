@@ -86,6 +86,9 @@ class DenseDecoder(nn.Module):
             conv); both land on the skip's exact size.
         drop_rate: dropout after each decoder conv.
         memory_efficient: checkpoint each dense layer's concat-BN-ReLU-conv while training.
+        input_channels: channels of the input image concatenated to the full-resolution stage as its
+            skip (U-Net's full-resolution skip, which the DenseNet encoder lacks: its first tap is at
+            stride 2); 0: no such skip.
 
     Widths: stage i's upsampling outputs ``growth_rate * max(decoder_layers[i], 1)`` maps, as many as its
     dense block adds (so stage 0 compresses the 1024-map bottleneck of DenseNet-121 right away, and a
@@ -103,6 +106,7 @@ class DenseDecoder(nn.Module):
         upsample: str = "transposed",
         drop_rate: float = 0.0,
         memory_efficient: bool = False,
+        input_channels: int = 0,
     ) -> None:
         super().__init__()
         decoder_layers = [int(n) for n in decoder_layers]
@@ -115,7 +119,9 @@ class DenseDecoder(nn.Module):
         if any(n < 0 for n in decoder_layers):
             raise ConfigError(f"decoder_layers must be >= 0, got {decoder_layers}")
         up_class = UPSAMPLE_MODES[upsample]
-        skip_channels = [*reversed(encoder_channels[:-1]), 0]  # the full-resolution stage has no skip
+        # the full-resolution stage's skip is the input image, if any
+        skip_channels = [*reversed(encoder_channels[:-1]), input_channels]
+        self.input_skip = input_channels > 0
         num_features = encoder_channels[-1]
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
@@ -128,11 +134,15 @@ class DenseDecoder(nn.Module):
             num_features = block.num_output_features
         self.out_channels = num_features
 
-    def forward(self, features: list[Tensor], size: tuple[int, int] | torch.Size) -> Tensor:
-        """``features``: encoder maps high to low resolution; ``size``: (H, W) of the logits."""
+    def forward(self, features: list[Tensor], size: tuple[int, int] | torch.Size,
+                image: Tensor | None = None) -> Tensor:
+        """``features``: encoder maps high to low resolution; ``size``: (H, W) of the logits; ``image``:
+        the input, needed when the decoder was built with ``input_channels``."""
+        if self.input_skip and image is None:
+            raise ValueError("this decoder concatenates the input image at full resolution: pass image=")
         x = features[-1]
         targets = [f.shape[-2:] for f in reversed(features[:-1])] + [size]
-        skips = [*reversed(features[:-1]), None]
+        skips = [*reversed(features[:-1]), image if self.input_skip else None]
         for up, block, target, skip in zip(self.ups, self.blocks, targets, skips):
             x = up(x, target)
             x = block(x if skip is None else torch.cat([x, skip], 1))
@@ -164,8 +174,11 @@ class DenseUNet(nn.Module):
         in_channels: image channels (1 for cine MRI).
         num_classes: output classes (4 for ACDC: background, RV, myocardium, LV).
         encoder_weights: optional local weights file for the encoder (see :class:`DenseNetEncoder`).
-        encoder_params: optional architecture overrides for the encoder, e.g.
-            ``{"growth_rate": 12, "block_config": [2, 4, 8, 6], "num_init_features": 24}``.
+        growth_rate, block_config, num_init_features, bn_size: the encoder's DenseNet architecture
+            (Huang et al.'s k, layers per block, stem width, bottleneck factor); ``None`` keeps the value
+            of ``encoder`` (DenseNet-121: 32, (6, 12, 24, 16), 64, 4).
+        encoder_params: further encoder overrides (e.g. ``{"compression": 0.5}``); the named
+            arguments above take precedence.
         decoder_layers: dense layers per decoder stage, deep (stride 16) to shallow (stride 1).
         decoder_growth_rate: k of the decoder's dense layers.
         upsample: ``"transposed"`` or ``"bilinear"``.
@@ -173,6 +186,8 @@ class DenseUNet(nn.Module):
         memory_efficient: memory-efficient dense layers in encoder and decoder (same outputs and
             gradients, less memory, slower).
         mc_dropout: keep the decoder's dropout active in eval mode (Monte-Carlo dropout).
+        input_skip: concatenate the input image to the decoder's full-resolution stage (a U-Net's
+            first skip), which sharpens boundaries at little cost; give that stage at least one layer.
 
     Forward: ``(B, in_channels, H, W)`` float -> logits ``(B, num_classes, H, W)``, any H, W >= 32.
     """
@@ -183,6 +198,10 @@ class DenseUNet(nn.Module):
         in_channels: int = 1,
         num_classes: int = 4,
         encoder_weights: str | None = None,
+        growth_rate: int | None = None,
+        block_config: Sequence[int] | None = None,
+        num_init_features: int | None = None,
+        bn_size: int | None = None,
         encoder_params: dict | None = None,
         decoder_layers: Sequence[int] = (4, 4, 2, 2, 0),
         decoder_growth_rate: int = 16,
@@ -190,11 +209,13 @@ class DenseUNet(nn.Module):
         drop_rate: float = 0.0,
         memory_efficient: bool = False,
         mc_dropout: bool = False,
+        input_skip: bool = False,
     ) -> None:
         super().__init__()
-        self.encoder = DenseNetEncoder(
-            encoder, in_channels, encoder_weights, memory_efficient, **dict(encoder_params or {})
-        )
+        named = {"growth_rate": growth_rate, "block_config": block_config,
+                 "num_init_features": num_init_features, "bn_size": bn_size}
+        overrides = {**dict(encoder_params or {}), **{k: v for k, v in named.items() if v is not None}}
+        self.encoder = DenseNetEncoder(encoder, in_channels, encoder_weights, memory_efficient, **overrides)
         self.decoder = DenseDecoder(
             self.encoder.feature_channels,
             decoder_layers,
@@ -202,6 +223,7 @@ class DenseUNet(nn.Module):
             upsample,
             drop_rate,
             memory_efficient,
+            in_channels if input_skip else 0,
         )
         self.head = SegmentationHead(self.decoder.out_channels, num_classes)
         init_weights(self.decoder)
@@ -218,4 +240,4 @@ class DenseUNet(nn.Module):
             raise ValueError(
                 f"DenseUNet needs H and W >= 32, got {tuple(x.shape[-2:])}; pad the image to 32x32"
             )
-        return self.head(self.decoder(self.encoder(x), x.shape[-2:]))
+        return self.head(self.decoder(self.encoder(x), x.shape[-2:], x))
