@@ -185,3 +185,34 @@ def test_non_finite_loss_stops_training_without_checkpoints(tmp_path, dataset):
     line = _assert_one_line_error(result, "non-finite loss", "step", "patient")
     assert "batch cases" in line
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+# Runs `python -m seg_densenet.predict` (through runpy, as -m does) after capping the process's address
+# space at what it uses after its imports plus HEADROOM MB: a real allocation failure, no mock.
+_CAPPED_PREDICT = """
+import resource, runpy, sys
+headroom_mb = int(sys.argv.pop(1))
+import torch, hydra, nibabel, scipy.ndimage, rich.progress  # noqa: the heavy imports, before the cap
+import seg_densenet.checkpoint, seg_densenet.models, seg_densenet.data.nifti, seg_densenet.evaluation.metrics
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + headroom_mb * 2**20,) * 2)
+runpy.run_module("seg_densenet.predict", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_out_of_memory_gives_the_batch_size_hint_and_the_budget_avoids_it(trained_ckpt, tmp_path):
+    # 1024x1024 slices at the model's own spacing (no resampling), 8 of them
+    data = np.random.default_rng(0).normal(100, 20, size=(1024, 1024, 8)).astype(np.float32)
+    spacing = torch.load(trained_ckpt, map_location="cpu", weights_only=True)["seg_densenet"]["data"]["target_spacing"]
+    image = tmp_path / "large.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([*spacing, 8.0, 1.0])), image)
+    env = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
+    args = ["-c", _CAPPED_PREDICT, "700", f"ckpt={trained_ckpt}", f"input={image}"]
+    result = run_cli([*args, f"output={tmp_path / 'oom'}", "batch_size=8"], env=env)
+    _assert_one_line_error(result, str(image), "out of memory", "lower batch_size (now 8)")
+    assert not (tmp_path / "oom").exists() or not list((tmp_path / "oom").rglob("*.nii.gz"))
+    # the same cap, with a memory budget: fewer slices per pass, and the mask is written
+    result = run_cli([*args, f"output={tmp_path / 'budget'}", "batch_size=8", "memory_budget_mb=150"], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mask = nib.load(tmp_path / "budget" / "large_pred.nii.gz")
+    assert mask.shape == data.shape
