@@ -85,12 +85,13 @@ def test_image_and_label_shapes_differ(tmp_path, dataset):
     _assert_one_line_error(_train(tmp_path, dataset), "patient001", "shape")
 
 
-def test_nan_voxels(tmp_path, dataset):
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_voxels(tmp_path, dataset, value):
     path = _image(dataset)
     data = np.asarray(nib.load(path).dataobj).astype(np.float32)
-    data[5, 5, 0] = np.nan
+    data[5, 5, 0] = value
     _rewrite(path, data, np.float32)
-    _assert_one_line_error(_train(tmp_path, dataset), str(path), "NaN")
+    _assert_one_line_error(_train(tmp_path, dataset), str(path), "1 NaN or infinite voxel(s)")
 
 
 def test_label_values_outside_mapping(tmp_path, dataset):

@@ -214,15 +214,16 @@ def test_resume_after_sigkill_continues_to_the_same_final_epoch(tmp_path, synthe
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["output_dir"] == str(run)
-    assert _logged_epochs(run) == {0, 1, 2, 3}
+    # one validation row per epoch: the history continues where it stopped, no epoch missing or twice
+    assert _logged_epochs(run) == [0, 1, 2, 3]
 
 
-def _logged_epochs(run: Path) -> set[int]:
+def _logged_epochs(run: Path) -> list[int]:
     path = run / "csv" / "metrics.csv"
     if not path.is_file():
-        return set()
+        return []
     with path.open() as f:
-        return {int(float(row["epoch"])) for row in csv.DictReader(f) if row.get("val/dice")}
+        return sorted(int(float(row["epoch"])) for row in csv.DictReader(f) if row.get("val/dice"))
 
 
 def test_unknown_task_stage_is_a_config_error(compose_cfg, tmp_path, synthetic_root):
