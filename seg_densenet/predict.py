@@ -28,6 +28,7 @@ from seg_densenet.data.preprocess import GridMeta, Preprocessor
 from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
 from seg_densenet.utils.atomic import atomic_path
 from seg_densenet.utils.cli import check_overrides, run_cli
+from seg_densenet.utils.files import walk_files
 
 log = logging.getLogger("seg_densenet.predict")
 
@@ -53,8 +54,8 @@ def find_inputs(input_path: str | Path) -> tuple[Path, list[Path]]:
     if not root.is_dir():
         raise DataError(f"{root}: input not found")
     files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and not nifti_stem(p).endswith(SKIP_MARKERS)
+        p for p in walk_files(root)
+        if p.name.endswith(NIFTI_SUFFIXES) and not nifti_stem(p).endswith(SKIP_MARKERS)
     )
     if not files:
         raise DataError(f"{root}: no NIfTI images (*.nii.gz, *.nii) found")

@@ -70,6 +70,25 @@ def test_largest_connected_component_keeps_one_blob_per_structure():
     assert (out[2:8, 2:8, 1:4] == 3).all() and (out[10:12, 2:6, 1:3] == 1).all()
 
 
+def test_predict_and_evaluate_follow_symlinked_case_folders(trained_ckpt, synthetic_root, tmp_path):
+    """A tree of links to case folders (e.g. one fold's test patients) is predicted and evaluated."""
+    tree = tmp_path / "linked"
+    tree.mkdir()
+    cases = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[:2]
+    for case in cases:
+        (tree / case.name).symlink_to(case, target_is_directory=True)
+    out = tmp_path / "pred"
+    result = _predict([f"ckpt={trained_ckpt}", f"input={tree}", f"output={out}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = sorted(p.relative_to(out) for p in out.rglob("*_pred.nii.gz"))
+    assert len(written) == 2 * len(cases) and {p.parts[0] for p in written} == {c.name for c in cases}
+    assert all(not p.is_symlink() for p in out.iterdir())  # outputs are real folders, links untouched
+    result = run_cli(["-m", "seg_densenet.evaluate", f"pred={out}", f"gt={tree}", f"output={tmp_path / 'report'}",
+                      "plots=false"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "report" / "summary.json").is_file()
+
+
 def test_predict_never_writes_over_its_input(trained_ckpt, synthetic_root, tmp_path):
     folder = tmp_path / "inputs"
     folder.mkdir()

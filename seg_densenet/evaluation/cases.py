@@ -9,7 +9,6 @@ prediction folder, matched to the ground truth by stem.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from seg_densenet.data.acdc import read_info_cfg
 from seg_densenet.errors import DataError
+from seg_densenet.utils.files import walk_files
 
 PHASES: tuple[str, ...] = ("ED", "ES")
 """Cardiac phases that the report summarises; any other annotated frame has phase ``"other"``."""
@@ -61,7 +61,7 @@ def phase_of(stem: str, frames: dict[int, str] | None) -> str:
 def find_labelled(root: Path, kind: str) -> dict[str, Path]:
     """All ``<stem>_<kind>.nii[.gz]`` files under ``root`` (kind ``gt`` or ``pred``), keyed by stem."""
     found: dict[str, Path] = {}
-    for path in _walk_files(root):
+    for path in walk_files(root):
         match = _NAME.match(path.name)
         if path.name.startswith(".") or not match or match["kind"] != kind:
             continue
@@ -72,19 +72,6 @@ def find_labelled(root: Path, kind: str) -> dict[str, Path]:
             )
         found[stem] = path
     return found
-
-
-def _walk_files(root: Path) -> list[Path]:
-    """All files under ``root``, sorted, following symlinked folders (each real folder once)."""
-    files, seen = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a symlink cycle or a folder linked twice
-            subfolders.clear()
-            continue
-        seen.add(real)
-        files += [Path(folder) / n for n in names if os.path.isfile(os.path.join(folder, n))]
-    return sorted(files)
 
 
 def find_frames(
