@@ -25,6 +25,7 @@ from seg_densenet.checkpoint import safe_torch_load
 from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.classification import ClassificationModule
 from seg_densenet.lit.segmentation import SegmentationModule
+from seg_densenet.models.dense_unet import ENCODER_ARCHITECTURE
 from seg_densenet.utils.atomic import atomic_write_text
 from seg_densenet.utils.cli import check_overrides, run_cli
 from seg_densenet.utils.ddp import patch_lightning_hydra_launcher, release_ddp_children
@@ -170,7 +171,7 @@ def classifier_config(cfg: DictConfig) -> DictConfig:
     name = model.get("name")
     if name == "dense_unet":
         params = dict(_container(model.get("encoder_params")) or {})
-        for key in ("growth_rate", "block_config", "num_init_features", "bn_size"):
+        for key in ENCODER_ARCHITECTURE:
             if model.get(key) is not None:
                 params[key] = _container(model.get(key))
         return OmegaConf.create({

@@ -26,6 +26,8 @@ from seg_densenet.models.layers import BilinearUp, DenseBlock, TransposedUp, ini
 from seg_densenet.models.weights import load_pretrained
 
 UPSAMPLE_MODES = {"transposed": TransposedUp, "bilinear": BilinearUp}
+# DenseUNet arguments that set its encoder's DenseNet architecture, under the paper's names
+ENCODER_ARCHITECTURE = ("growth_rate", "block_config", "num_init_features", "bn_size")
 
 
 class DenseNetEncoder(DenseNet):
@@ -212,8 +214,7 @@ class DenseUNet(nn.Module):
         input_skip: bool = False,
     ) -> None:
         super().__init__()
-        named = {"growth_rate": growth_rate, "block_config": block_config,
-                 "num_init_features": num_init_features, "bn_size": bn_size}
+        named = dict(zip(ENCODER_ARCHITECTURE, (growth_rate, block_config, num_init_features, bn_size)))
         overrides = {**dict(encoder_params or {}), **{k: v for k, v in named.items() if v is not None}}
         self.encoder = DenseNetEncoder(encoder, in_channels, encoder_weights, memory_efficient, **overrides)
         self.decoder = DenseDecoder(
