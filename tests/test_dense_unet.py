@@ -165,6 +165,21 @@ def test_mc_dropout_keeps_decoder_dropout_active_in_eval_mode():
         assert not torch.equal(model(x), model(x))
 
 
+@pytest.mark.parametrize("build", ["dense_unet", "smp_unet"])
+def test_any_size_gets_the_alignment_of_multiple_of_32_inputs(build):
+    # DenseNet's stem rounds odd sizes up and its transitions round down, so without padding the decoder
+    # meets its skips one pixel off at odd sizes (on the phantom: whole-volume Dice 0.86 instead of 0.92
+    # for the weights trained on 128x128 crops). Any size must predict what the padded size predicts.
+    torch.manual_seed(0)
+    model = (small() if build == "dense_unet" else smp_unet(in_channels=1, num_classes=4)).eval()
+    x = torch.randn(2, 1, 97, 131)
+    padded = torch.nn.functional.pad(x, (0, 160 - 131, 0, 128 - 97), mode="replicate")
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 4, 97, 131)
+        torch.testing.assert_close(out, model(padded)[..., :97, :131])
+
+
 def test_torch_export_matches_eager():
     torch.manual_seed(0)
     model = small(drop_rate=0.2).eval()

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from seg_densenet.errors import ConfigError
 from seg_densenet.models.densenet import DENSENET_CONFIGS, DenseNet
-from seg_densenet.models.layers import BilinearUp, DenseBlock, TransposedUp, init_weights, set_mc_dropout
+from seg_densenet.models.layers import (
+    BilinearUp,
+    DenseBlock,
+    TransposedUp,
+    init_weights,
+    pad_to_multiple,
+    set_mc_dropout,
+)
 from seg_densenet.models.weights import load_pretrained
 
 UPSAMPLE_MODES = {"transposed": TransposedUp, "bilinear": BilinearUp}
@@ -191,8 +198,12 @@ class DenseUNet(nn.Module):
         input_skip: concatenate the input image to the decoder's full-resolution stage (a U-Net's
             first skip), which sharpens boundaries at little cost; give that stage at least one layer.
 
-    Forward: ``(B, in_channels, H, W)`` float -> logits ``(B, num_classes, H, W)``, any H, W >= 32.
+    Forward: ``(B, in_channels, H, W)`` float -> logits ``(B, num_classes, H, W)``, any H, W >= 32. The
+    input is replicate-padded to multiples of 32 (the encoder's stride) and the logits cropped back, so
+    that every size gets the decoder-to-skip alignment of the (multiple-of-32) training crops.
     """
+
+    size_multiple = 32
 
     def __init__(
         self,
@@ -241,4 +252,7 @@ class DenseUNet(nn.Module):
             raise ValueError(
                 f"DenseUNet needs H and W >= 32, got {tuple(x.shape[-2:])}; pad the image to 32x32"
             )
-        return self.head(self.decoder(self.encoder(x), x.shape[-2:], x))
+        h, w = x.shape[-2], x.shape[-1]
+        x = pad_to_multiple(x, self.size_multiple)
+        logits = self.head(self.decoder(self.encoder(x), x.shape[-2:], x))
+        return logits.narrow(-2, 0, h).narrow(-1, 0, w)

@@ -10,10 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
-from torch import nn
+from torch import Tensor, nn
 
 from seg_densenet.models.densenet import densenet121
+from seg_densenet.models.layers import pad_to_multiple
 from seg_densenet.models.weights import load_pretrained
+
+
+class PaddedUnet(smp.Unet):
+    """``smp.Unet`` for any H, W: the input is replicate-padded to multiples of the encoder's output
+    stride (32; smp itself rejects other sizes) and the logits cropped back, as :class:`DenseUNet` does.
+    The state-dict keys are smp's own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        logits = super().forward(pad_to_multiple(x, self.encoder.output_stride))
+        return logits.narrow(-2, 0, h).narrow(-1, 0, w)
 
 
 def smp_unet(
@@ -21,10 +33,10 @@ def smp_unet(
 ) -> nn.Module:
     """``smp.Unet("densenet121")``: ``(B, in_channels, H, W)`` -> logits ``(B, num_classes, H, W)``.
 
-    H and W must be multiples of 32 (smp checks this). ``encoder_weights``: optional local
+    Any H and W (padded to multiples of 32 inside, see :class:`PaddedUnet`). ``encoder_weights``: optional local
     torchvision-format DenseNet-121 weights file (or this project's classification checkpoint).
     """
-    model = smp.Unet(
+    model = PaddedUnet(
         encoder_name="densenet121", encoder_weights=None, in_channels=in_channels, classes=num_classes
     )
     if encoder_weights is not None:
