@@ -256,9 +256,9 @@ def test_memory_efficient_recomputes_norm_relu_and_only_cheap_bottlenecks():
     model.memory_efficient = True
     forward, backward = _count_step(model, x)
     assert forward == (num_composites + 2, num_convs)
-    # Backward reruns every composite's BN + ReLU (their outputs were not stored) and the 1x1
-    # bottleneck conv of the narrow layers only; the other convolutions' outputs are kept.
-    assert backward == (num_composites, rerun)
+    # Backward reruns every composite's BN + ReLU (their outputs were not stored), the 1x1 bottleneck
+    # conv of the narrow layers only, and the stem (conv0, norm0); the other convolutions' outputs are kept.
+    assert backward == (num_composites + 1, rerun + 1)
     # Without gradients both modes run the plain forward once.
     for memory_efficient in (False, True):
         model.memory_efficient = memory_efficient

@@ -9,7 +9,7 @@ FC-DenseNet (and the DenseUNet decoder) from growing without bound.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,19 +49,49 @@ def center_crop(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return x.narrow(-2, top, h).narrow(-1, left, w)
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Replicate-pad the bottom and right of ``x`` (…, H, W) so that H and W are multiples of ``multiple``.
+@contextlib.contextmanager
+def frozen_bn_statistics(*norms: nn.BatchNorm2d) -> Iterator[None]:
+    """Context of a backward-time recomputation: the BN layers give the same batch statistics but do
+    not move their running statistics (or batch counters) a second time."""
+    saved = [(norm, norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for norm, momentum, tracked in saved:
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(tracked)
 
-    A network whose strided layers round odd sizes (DenseNet's stem rounds up, its transitions round
-    down) aligns its decoder with the skips differently for each size parity; training crops are
-    multiples of 32, so padding every input to one keeps inference on the alignment the weights learned
-    (on the phantom, whole-volume myocardium Dice 0.80 unpadded against 0.92 padded).
+
+def checkpoint_with_bn(function, *args: Tensor, norms: Sequence[nn.BatchNorm2d]) -> Tensor:
+    """``function(*args)`` whose intermediate tensors are recomputed in backward instead of stored
+    (``torch.utils.checkpoint``, non-reentrant); ``norms``: the BN layers inside, kept from updating
+    their running statistics twice."""
+    return cp.checkpoint(
+        function,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), frozen_bn_statistics(*norms)),
+    )
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Pad the bottom and right of ``x`` (B, C, H, W) so that H and W are multiples of ``multiple``.
+
+    The padding takes each image channel's minimum, as the training crops' padding does
+    (:func:`seg_densenet.data.preprocess.place` fills with the volume's minimum), so the network sees
+    the kind of border it was trained on. A network whose strided layers round odd sizes (DenseNet's
+    stem rounds up, its transitions round down) aligns its decoder with the skips differently for each
+    size parity; training crops are multiples of 32, so padding every input to one keeps inference on
+    the alignment the weights learned (on the phantom, whole-volume Dice 0.857 unpadded against 0.922).
     """
     pad_h = (multiple - x.shape[-2] % multiple) % multiple
     pad_w = (multiple - x.shape[-1] % multiple) % multiple
     if not torch.jit.is_tracing() and not (pad_h or pad_w):
         return x
-    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    return F.pad(x - low, (0, pad_w, 0, pad_h)) + low
 
 
 class _DenseLayer(nn.Module):
@@ -82,19 +112,6 @@ class _DenseLayer(nn.Module):
         self.drop = MCDropout(drop_rate)
         self.memory_efficient = memory_efficient
 
-    @contextlib.contextmanager
-    def _recomputation(self) -> Iterator[None]:
-        """Context of the backward-time recomputation: BN must give the same batch statistics but not
-        move its running statistics (or batch counter) a second time."""
-        norm = self.norm
-        momentum, tracked = norm.momentum, norm.num_batches_tracked.clone()
-        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
-        try:
-            yield
-        finally:
-            norm.momentum = momentum
-            norm.num_batches_tracked.copy_(tracked)
-
     def _cat_norm_relu_conv(self, *features: Tensor) -> Tensor:
         return self.conv(self.relu(self.norm(torch.cat(features, 1))))
 
@@ -103,12 +120,7 @@ class _DenseLayer(nn.Module):
         params = (self.norm.weight, self.norm.bias, self.conv.weight)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*features, *params))
         if self.memory_efficient and needs_grad:
-            out = cp.checkpoint(
-                self._cat_norm_relu_conv,
-                *features,
-                use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), self._recomputation()),
-            )
+            out = checkpoint_with_bn(self._cat_norm_relu_conv, *features, norms=[self.norm])
         else:
             out = self._cat_norm_relu_conv(*features)
         return self.drop(out)
