@@ -181,6 +181,8 @@ class Predictor:
     def _measure_slice_bytes(self, height: int, width: int) -> int:
         """Peak extra memory (bytes) of predicting one slice, measured once per in-plane size."""
         x = torch.zeros(1, 1, height, width, device=self.device)
+        # a first, unmeasured pass: one-time allocations (kernel workspaces, thread pools) are not per slice
+        self._probabilities(x)
         # what the chunk keeps besides the network: probabilities, their inverse mapping, labels
         floor = height * width * 4 * (3 * self.num_classes + 2)
         if self.device.type == "cuda":

@@ -199,7 +199,7 @@ class DenseUNet(nn.Module):
             first skip), which sharpens boundaries at little cost; give that stage at least one layer.
 
     Forward: ``(B, in_channels, H, W)`` float -> logits ``(B, num_classes, H, W)``, any H, W >= 32. The
-    input is padded (with its minimum) to multiples of 32 (the encoder's stride) and the logits cropped back, so
+    input is reflect-padded to multiples of 32 (the encoder's stride) and the logits cropped back, so
     that every size gets the decoder-to-skip alignment of the (multiple-of-32) training crops.
     """
 

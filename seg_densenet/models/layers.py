@@ -77,21 +77,21 @@ def checkpoint_with_bn(function, *args: Tensor, norms: Sequence[nn.BatchNorm2d])
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Pad the bottom and right of ``x`` (B, C, H, W) so that H and W are multiples of ``multiple``.
+    """Reflect-pad the bottom and right of ``x`` (B, C, H, W) so that H and W are multiples of ``multiple``
+    (H, W >= ``multiple``).
 
-    The padding takes each image channel's minimum, as the training crops' padding does
-    (:func:`seg_densenet.data.preprocess.place` fills with the volume's minimum), so the network sees
-    the kind of border it was trained on. A network whose strided layers round odd sizes (DenseNet's
-    stem rounds up, its transitions round down) aligns its decoder with the skips differently for each
-    size parity; training crops are multiples of 32, so padding every input to one keeps inference on
-    the alignment the weights learned (on the phantom, whole-volume Dice 0.857 unpadded against 0.922).
+    A network whose strided layers round odd sizes (DenseNet's stem rounds up, its transitions round
+    down) aligns its decoder with the skips differently for each size parity; training crops are
+    multiples of 32, so padding every input to one keeps inference on the alignment the weights learned
+    (on the phantom, whole-volume Dice 0.857 unpadded against 0.922). Reflection continues the anatomy
+    without a hard edge; on the same weights it scored as well as or better than replicating the border
+    or filling with the image minimum on the validation volumes of the phantom and of ACDC.
     """
     pad_h = (multiple - x.shape[-2] % multiple) % multiple
     pad_w = (multiple - x.shape[-1] % multiple) % multiple
     if not torch.jit.is_tracing() and not (pad_h or pad_w):
         return x
-    low = x.amin(dim=(-2, -1), keepdim=True)
-    return F.pad(x - low, (0, pad_w, 0, pad_h)) + low
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
 
 
 class _DenseLayer(nn.Module):

@@ -18,7 +18,7 @@ from seg_densenet.models.weights import load_pretrained
 
 
 class PaddedUnet(smp.Unet):
-    """``smp.Unet`` for any H, W: the input is padded (with its minimum) to multiples of the encoder's output
+    """``smp.Unet`` for any H, W: the input is reflect-padded to multiples of the encoder's output
     stride (32; smp itself rejects other sizes) and the logits cropped back, as :class:`DenseUNet` does.
     The state-dict keys are smp's own."""
 
