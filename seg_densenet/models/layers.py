@@ -53,7 +53,8 @@ def center_crop(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 def frozen_bn_statistics(*norms: nn.BatchNorm2d) -> Iterator[None]:
     """Context of a backward-time recomputation: the BN layers give the same batch statistics but do
     not move their running statistics (or batch counters) a second time."""
-    saved = [(norm, norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    saved = [(norm, norm.momentum, None if norm.num_batches_tracked is None else norm.num_batches_tracked.clone())
+             for norm in norms]
     for norm in norms:
         norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
     try:
@@ -61,7 +62,8 @@ def frozen_bn_statistics(*norms: nn.BatchNorm2d) -> Iterator[None]:
     finally:
         for norm, momentum, tracked in saved:
             norm.momentum = momentum
-            norm.num_batches_tracked.copy_(tracked)
+            if tracked is not None:
+                norm.num_batches_tracked.copy_(tracked)
 
 
 def checkpoint_with_bn(function, *args: Tensor, norms: Sequence[nn.BatchNorm2d]) -> Tensor:
