@@ -58,8 +58,10 @@ class _CompositeChainFunction(torch.autograd.Function):
     that stores only its inputs for backward.
 
     The concatenation, the BN/ReLU outputs and all but the last convolution output are freed after the
-    forward pass and recomputed in backward. The last convolution is never rerun: its weight and input
-    gradients come from ``aten.convolution_backward`` on the recomputed input. BN running statistics are
+    forward pass and recomputed in backward. The last convolution is never rerun. Backward walks the
+    chain with the ATen kernels autograd would run (``convolution_backward``, ``native_batch_norm_backward``,
+    the ReLU mask in place) and drops each map as soon as it is used, so about three maps of the widest
+    stage are alive at once. BN running statistics are
     updated exactly once (in forward); the recomputation uses the batch statistics (training) or the
     unchanged running statistics (eval), so outputs and gradients equal the plain path.
 
@@ -89,41 +91,54 @@ class _CompositeChainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         needs = ctx.needs_input_grad[1:]
-        last_weight = ctx.num_params - 1  # index of the last conv weight among the tensors
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-            inputs = leaves[ctx.num_params :]
-            x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
-            for i, (bn_training, running, eps, pool, conv_args) in enumerate(ctx.specs):
-                norm_weight, norm_bias, conv_weight = leaves[3 * i : 3 * i + 3]
-                y = F.relu(
-                    F.batch_norm(x, *running, norm_weight, norm_bias, bn_training, 0.0, eps), inplace=True
-                )
-                if pool is not None:
-                    y = pool(y)
-                if i < len(ctx.specs) - 1:
-                    x = F.conv2d(y, conv_weight, None, *conv_args)
-        stride, padding, dilation, groups = conv_args
-        grad_y, grad_last_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out,
-            y.detach(),
-            leaves[last_weight].detach(),
-            None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
-            groups,
-            [True, needs[last_weight], False],
-        )
-        wanted = [i for i, need in enumerate(needs) if need and i != last_weight]
-        grads = torch.autograd.grad(y, [leaves[i] for i in wanted], grad_y) if wanted else ()
-        result = [None] * len(needs)
-        for i, grad in zip(wanted, grads):
-            result[i] = grad
-        result[last_weight] = grad_last_weight
-        return (None, *result)
+        num_params = ctx.num_params
+        saved = ctx.saved_tensors
+        params, inputs = saved[:num_params], saved[num_params:]
+        # Recompute each stage's BN input x and ReLU output y with the ATen kernels autograd would run,
+        # keeping BN's saved statistics, then walk the chain back by hand: no autograd graph holds x, y
+        # or their gradients longer than needed, so at most about three maps of the widest stage are
+        # alive at once (autograd.grad over a rebuilt graph kept five).
+        x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
+        recomputed = []
+        for i, (bn_training, running, eps, pool, conv_args) in enumerate(ctx.specs):
+            norm_weight, norm_bias, conv_weight = params[3 * i : 3 * i + 3]
+            # momentum 0: the running statistics were updated once, in forward
+            y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+                x, norm_weight, norm_bias, *running, bn_training, 0.0, eps
+            )
+            y.relu_()
+            pooled = pool(y) if pool is not None else y
+            recomputed.append((x, y, pooled, save_mean, save_invstd))
+            if i < len(ctx.specs) - 1:
+                x = F.conv2d(pooled, conv_weight, None, *conv_args)
+        grads: list[Tensor | None] = [None] * len(needs)
+        grad = grad_out
+        for i in reversed(range(len(ctx.specs))):
+            bn_training, running, eps, pool, (stride, padding, dilation, groups) = ctx.specs[i]
+            norm_weight, norm_bias, conv_weight = params[3 * i : 3 * i + 3]
+            x, y, pooled, save_mean, save_invstd = recomputed.pop()
+            grad, grads[3 * i + 2], _ = torch.ops.aten.convolution_backward(
+                grad, pooled, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [True, needs[3 * i + 2], False],
+            )
+            if pool is not None:
+                with torch.enable_grad():
+                    leaf = y.detach().requires_grad_()
+                    (grad,) = torch.autograd.grad(pool(leaf), leaf, grad)
+            del pooled
+            grad.masked_fill_(y <= 0, 0)  # ReLU backward, in place (grad is a fresh buffer)
+            del y
+            grad, grads[3 * i], grads[3 * i + 1] = torch.ops.aten.native_batch_norm_backward(
+                grad, x, norm_weight, *running, save_mean, save_invstd, bn_training, eps,
+                [True, needs[3 * i], needs[3 * i + 1]],
+            )
+            del x
+        offset = 0
+        for j, t in enumerate(inputs):
+            if needs[num_params + j]:
+                grads[num_params + j] = grad.narrow(1, offset, t.shape[1])
+            offset += t.shape[1]
+        return (None, *grads)
 
 
 def _composite_chain(
