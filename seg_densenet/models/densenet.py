@@ -126,7 +126,8 @@ class _CompositeChainFunction(torch.autograd.Function):
                     leaf = y.detach().requires_grad_()
                     (grad,) = torch.autograd.grad(pool(leaf), leaf, grad)
             del pooled
-            grad.masked_fill_(y <= 0, 0)  # ReLU backward, in place (grad is a fresh buffer)
+            # ReLU backward in place (grad is a fresh buffer); masked_fill_ with a y <= 0 mask is 9x slower
+            torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
             del y
             grad, grads[3 * i], grads[3 * i + 1] = torch.ops.aten.native_batch_norm_backward(
                 grad, x, norm_weight, *running, save_mean, save_invstd, bn_training, eps,
