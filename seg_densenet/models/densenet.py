@@ -108,7 +108,10 @@ class _CompositeChainFunction(torch.autograd.Function):
             )
             y.relu_()
             pooled = pool(y) if pool is not None else y
-            recomputed.append((x, y, pooled, save_mean, save_invstd))
+            # a multi-stage chain (the narrow layers, where the peak is) drops its concatenation until
+            # the first stage's BN backward needs it again: it is the cheapest map to redo
+            drop_x = i == 0 and len(ctx.specs) > 1
+            recomputed.append((None if drop_x else x, y, pooled, save_mean, save_invstd))
             if i < len(ctx.specs) - 1:
                 x = F.conv2d(pooled, conv_weight, None, *conv_args)
         grads: list[Tensor | None] = [None] * len(needs)
@@ -129,6 +132,8 @@ class _CompositeChainFunction(torch.autograd.Function):
             # ReLU backward in place (grad is a fresh buffer); masked_fill_ with a y <= 0 mask is 9x slower
             torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
             del y
+            if x is None:
+                x = torch.cat(inputs, 1)
             grad, grads[3 * i], grads[3 * i + 1] = torch.ops.aten.native_batch_norm_backward(
                 grad, x, norm_weight, *running, save_mean, save_invstd, bn_training, eps,
                 [True, needs[3 * i], needs[3 * i + 1]],
