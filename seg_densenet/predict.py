@@ -53,10 +53,10 @@ def find_inputs(input_path: str | Path) -> tuple[Path, list[Path]]:
         return root.parent, [root]
     if not root.is_dir():
         raise DataError(f"{root}: input not found")
-    files = sorted(
+    files = [  # walk_files returns them sorted
         p for p in walk_files(root)
         if p.name.endswith(NIFTI_SUFFIXES) and not nifti_stem(p).endswith(SKIP_MARKERS)
-    )
+    ]
     if not files:
         raise DataError(f"{root}: no NIfTI images (*.nii.gz, *.nii) found")
     return root, files

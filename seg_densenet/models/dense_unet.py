@@ -27,7 +27,7 @@ from seg_densenet.models.layers import (
     DenseBlock,
     TransposedUp,
     init_weights,
-    pad_to_multiple,
+    padded_forward,
     set_mc_dropout,
 )
 from seg_densenet.models.weights import load_pretrained
@@ -252,7 +252,7 @@ class DenseUNet(nn.Module):
             raise ValueError(
                 f"DenseUNet needs H and W >= 32, got {tuple(x.shape[-2:])}; pad the image to 32x32"
             )
-        h, w = x.shape[-2], x.shape[-1]
-        x = pad_to_multiple(x, self.size_multiple)
-        logits = self.head(self.decoder(self.encoder(x), x.shape[-2:], x))
-        return logits.narrow(-2, 0, h).narrow(-1, 0, w)
+        return padded_forward(self._forward_padded, x, self.size_multiple)
+
+    def _forward_padded(self, x: Tensor) -> Tensor:
+        return self.head(self.decoder(self.encoder(x), x.shape[-2:], x))

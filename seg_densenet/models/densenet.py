@@ -53,6 +53,11 @@ DENSENET_CONFIGS: dict[str, dict] = {
 }
 
 
+def _concat(inputs: Sequence[Tensor]) -> Tensor:
+    """The maps concatenated along channels (the single map itself, not a copy)."""
+    return torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+
+
 class _CompositeChainFunction(torch.autograd.Function):
     """A chain of composites ``x <- conv(pool(relu(norm(x))))`` on ``x = cat(inputs)`` (``pool`` optional)
     that stores only its inputs for backward.
@@ -74,7 +79,7 @@ class _CompositeChainFunction(torch.autograd.Function):
     def forward(ctx, stages, *tensors):
         num_params = 3 * len(stages)
         inputs = tensors[num_params:]
-        x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
+        x = _concat(inputs)
         ctx.specs = []
         for norm, pool, conv in stages:
             x = F.relu(norm(x), inplace=True)
@@ -98,7 +103,7 @@ class _CompositeChainFunction(torch.autograd.Function):
         # keeping BN's saved statistics, then walk the chain back by hand: no autograd graph holds x, y
         # or their gradients longer than needed, so at most about three maps of the widest stage are
         # alive at once (autograd.grad over a rebuilt graph kept five).
-        x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
+        x = _concat(inputs)
         recomputed = []
         for i, (bn_training, running, eps, pool, conv_args) in enumerate(ctx.specs):
             norm_weight, norm_bias, conv_weight = params[3 * i : 3 * i + 3]
@@ -109,8 +114,9 @@ class _CompositeChainFunction(torch.autograd.Function):
             y.relu_()
             pooled = pool(y) if pool is not None else y
             # a multi-stage chain (the narrow layers, where the peak is) drops its concatenation until
-            # the first stage's BN backward needs it again: it is the cheapest map to redo
-            drop_x = i == 0 and len(ctx.specs) > 1
+            # the first stage's BN backward needs it again: it is the cheapest map to redo (a single
+            # input is no copy, so dropping it would free nothing)
+            drop_x = i == 0 and len(ctx.specs) > 1 and len(inputs) > 1
             recomputed.append((None if drop_x else x, y, pooled, save_mean, save_invstd))
             if i < len(ctx.specs) - 1:
                 x = F.conv2d(pooled, conv_weight, None, *conv_args)
@@ -133,7 +139,7 @@ class _CompositeChainFunction(torch.autograd.Function):
             torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
             del y
             if x is None:
-                x = torch.cat(inputs, 1)
+                x = _concat(inputs)
             grad, grads[3 * i], grads[3 * i + 1] = torch.ops.aten.native_batch_norm_backward(
                 grad, x, norm_weight, *running, save_mean, save_invstd, bn_training, eps,
                 [True, needs[3 * i], needs[3 * i + 1]],
@@ -160,7 +166,7 @@ def _composite_chain(
     if memory_efficient and torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *params)):
         specs = tuple((norm, pool, conv) for norm, _, pool, conv in stages)
         return _CompositeChainFunction.apply(specs, *params, *inputs)
-    x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
+    x = _concat(inputs)
     for norm, relu, pool, conv in stages:
         x = relu(norm(x))
         x = conv(pool(x) if pool is not None else x)

@@ -96,6 +96,12 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
 
 
+def padded_forward(function, x: Tensor, multiple: int) -> Tensor:
+    """``function`` run on ``x`` padded by :func:`pad_to_multiple`, its output cropped back to ``x``'s H, W."""
+    h, w = x.shape[-2], x.shape[-1]
+    return function(pad_to_multiple(x, multiple)).narrow(-2, 0, h).narrow(-1, 0, w)
+
+
 class _DenseLayer(nn.Module):
     """BN-ReLU-3x3 conv producing ``growth_rate`` maps, then dropout.
 

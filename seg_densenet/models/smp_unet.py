@@ -13,7 +13,7 @@ import segmentation_models_pytorch as smp
 from torch import Tensor, nn
 
 from seg_densenet.models.densenet import densenet121
-from seg_densenet.models.layers import pad_to_multiple
+from seg_densenet.models.layers import padded_forward
 from seg_densenet.models.weights import load_pretrained
 
 
@@ -23,9 +23,7 @@ class PaddedUnet(smp.Unet):
     The state-dict keys are smp's own."""
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2], x.shape[-1]
-        logits = super().forward(pad_to_multiple(x, self.encoder.output_stride))
-        return logits.narrow(-2, 0, h).narrow(-1, 0, w)
+        return padded_forward(super().forward, x, self.encoder.output_stride)
 
 
 def smp_unet(
