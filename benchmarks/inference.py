@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.measure import Measurement, fix_mmap_threshold, interleave, summaries
+from benchmarks.measure import Measurement, interleave, summaries
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.models import build_model
@@ -256,8 +256,6 @@ def _compile_child(args: dict) -> dict:
     """Eager against compiled, interleaved; the compiled model's first call (the compilation) is timed apart."""
     device = torch.device(args["device"])
     torch.set_num_threads(args["threads"])
-    if device.type == "cpu":
-        fix_mmap_threshold()
     plan = InferPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in args["plan"].items()})
     model = build(args["name"], device)
     compiled = torch.compile(model)

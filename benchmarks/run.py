@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import data_loading, inference, scaling, training
 from benchmarks.goals import fast_paths, goals
-from benchmarks.measure import fix_mmap_threshold, load_average, machine_info
+from benchmarks.measure import load_average, machine_info
 from benchmarks.report import DOCS, RESULTS, write_docs
 from seg_densenet.utils.atomic import atomic_write_text
 
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
         sys.exit("--device cuda: torch sees no CUDA device on this machine")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    if device.type == "cpu":
-        fix_mmap_threshold()  # see benchmarks.measure: keeps one configuration's peak out of the next's
-    else:
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the infer suite measures it against off
     plan_key = "quick" if args.quick else ("cuda" if device.type == "cuda" else "full")
     machine = machine_info(device)

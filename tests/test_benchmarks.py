@@ -65,7 +65,9 @@ def test_interleave_alternates_configurations_and_records_skips_and_failures():
         skip_check=lambda name, done: "predicted too slow" if name == "skipped" else None,
     )
     assert order == ["a", "b", "broken", "a", "b", "a", "b"]
+    # the first round measures memory and is the warm-up; the two timed rounds measure time only
     assert len(results["a"].cold_s) == 1 and len(results["a"].seconds) == 2
+    assert len(results["a"].peak_bytes) == 1
     summary = results["a"].summary()
     assert (
         summary["status"] == "ok" and summary["items_per_s"] > 0 and summary["peak_gb"] >= summary["added_gb"]
@@ -76,6 +78,14 @@ def test_interleave_alternates_configurations_and_records_skips_and_failures():
         "items_per_call": 4,
     }
     assert results["broken"].status == "failed" and results["broken"].reason == "RuntimeError: out of memory"
+
+
+def test_interleave_without_warmup_adds_a_cold_memory_call_before_the_timed_one():
+    order: list[str] = []
+    calls = {n: (lambda n=n: order.append(n)) for n in ("a", "b")}
+    results = interleave(calls, dict.fromkeys(calls, 1), torch.device("cpu"), warmup=0, repeats=1)
+    assert order == ["a", "b", "a", "b"]
+    assert [len(results["a"].cold_s), len(results["a"].seconds), len(results["a"].peak_bytes)] == [1, 1, 1]
 
 
 def _config(items_per_s: float, peak_gb: float, batch: int = 8, size: int = 224) -> dict:
