@@ -214,7 +214,8 @@ def test_memory_efficient_gradients_with_frozen_batchnorm_in_eval_mode():
 
 
 class _OpCounter(TorchDispatchMode):
-    """Counts batch-norm and convolution forward kernels run while active."""
+    """Counts batch-norm and convolution forward kernels run while active (a recomputed BN output is one
+    ``addcmul`` with the statistics of the forward pass)."""
 
     def __init__(self):
         super().__init__()
@@ -223,7 +224,7 @@ class _OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if "backward" not in name:
-            self.batch_norm += "batch_norm" in name
+            self.batch_norm += "batch_norm" in name or name == "addcmul"
             self.convolution += name == "convolution"
         return func(*args, **(kwargs or {}))
 

@@ -107,7 +107,7 @@ def test_memory_efficient_mode_gives_identical_outputs_and_gradients():
     torch.testing.assert_close(gx_a, gx_b)
     for ga, gb in zip(g_a, g_b):
         torch.testing.assert_close(ga, gb)
-    # Checkpointing must not run BN twice in a way that moves the running statistics differently.
+    # Recomputation must not run BN twice in a way that moves the running statistics differently.
     torch.testing.assert_close(plain.state_dict(), efficient.state_dict())
 
 

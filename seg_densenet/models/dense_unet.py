@@ -94,7 +94,7 @@ class DenseDecoder(nn.Module):
         upsample: ``"transposed"`` (3x3 stride-2 transposed conv, cropped) or ``"bilinear"`` (resize + 3x3
             conv); both land on the skip's exact size.
         drop_rate: dropout after each decoder conv.
-        memory_efficient: checkpoint each dense layer's concat-BN-ReLU-conv while training.
+        memory_efficient: recompute each dense layer's concat-BN-ReLU in backward instead of storing it.
         input_channels: channels of the input image concatenated to the full-resolution stage as its
             skip (U-Net's full-resolution skip, which the DenseNet encoder lacks: its first tap is at
             stride 2); 0: no such skip.

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg_densenet.errors import ConfigError
-from seg_densenet.models.layers import checkpoint_with_bn
+from seg_densenet.models.recompute import checkpoint_with_bn, composite_chain
 
 __all__ = [
     "DENSENET_CONFIGS",
@@ -51,126 +51,6 @@ DENSENET_CONFIGS: dict[str, dict] = {
     "densenet201": {"growth_rate": 32, "block_config": (6, 12, 48, 32), "num_init_features": 64},
     "densenet161": {"growth_rate": 48, "block_config": (6, 12, 36, 24), "num_init_features": 96},
 }
-
-
-def _concat(inputs: Sequence[Tensor]) -> Tensor:
-    """The maps concatenated along channels (the single map itself, not a copy)."""
-    return torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
-
-
-class _CompositeChainFunction(torch.autograd.Function):
-    """A chain of composites ``x <- conv(pool(relu(norm(x))))`` on ``x = cat(inputs)`` (``pool`` optional)
-    that stores only its inputs for backward.
-
-    The concatenation, the BN/ReLU outputs and all but the last convolution output are freed after the
-    forward pass and recomputed in backward. The last convolution is never rerun. Backward walks the
-    chain with the ATen kernels autograd would run (``convolution_backward``, ``native_batch_norm_backward``,
-    the ReLU mask in place) and drops each map as soon as it is used, so about three maps of the widest
-    stage are alive at once. BN running statistics are
-    updated exactly once (in forward); the recomputation uses the batch statistics (training) or the
-    unchanged running statistics (eval), so outputs and gradients equal the plain path.
-
-    ``forward(ctx, stages, *params, *inputs)``: ``stages`` is a tuple of ``(norm, pool, conv)`` modules
-    (``pool`` None or stateless) and ``params`` their ``(norm.weight, norm.bias, conv.weight)`` in order
-    (passed as arguments so that autograd returns their gradients).
-    """
-
-    @staticmethod
-    def forward(ctx, stages, *tensors):
-        num_params = 3 * len(stages)
-        inputs = tensors[num_params:]
-        x = _concat(inputs)
-        ctx.specs = []
-        for norm, pool, conv in stages:
-            x = F.relu(norm(x), inplace=True)
-            x = conv(pool(x) if pool is not None else x)
-            # Same rule as nn.BatchNorm2d: batch statistics in training or when no running stats exist.
-            bn_training = norm.training or (norm.running_mean is None and norm.running_var is None)
-            running = (None, None) if bn_training else (norm.running_mean, norm.running_var)
-            conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-            ctx.specs.append((bn_training, running, norm.eps, pool, conv_args))
-        ctx.num_params = num_params
-        ctx.save_for_backward(*tensors)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        needs = ctx.needs_input_grad[1:]
-        num_params = ctx.num_params
-        saved = ctx.saved_tensors
-        params, inputs = saved[:num_params], saved[num_params:]
-        # Recompute each stage's BN input x and ReLU output y with the ATen kernels autograd would run,
-        # keeping BN's saved statistics, then walk the chain back by hand: no autograd graph holds x, y
-        # or their gradients longer than needed, so at most about three maps of the widest stage are
-        # alive at once (autograd.grad over a rebuilt graph kept five).
-        x = _concat(inputs)
-        recomputed = []
-        for i, (bn_training, running, eps, pool, conv_args) in enumerate(ctx.specs):
-            norm_weight, norm_bias, conv_weight = params[3 * i : 3 * i + 3]
-            # momentum 0: the running statistics were updated once, in forward
-            y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-                x, norm_weight, norm_bias, *running, bn_training, 0.0, eps
-            )
-            y.relu_()
-            pooled = pool(y) if pool is not None else y
-            # a multi-stage chain (the narrow layers, where the peak is) drops its concatenation until
-            # the first stage's BN backward needs it again: it is the cheapest map to redo (a single
-            # input is no copy, so dropping it would free nothing)
-            drop_x = i == 0 and len(ctx.specs) > 1 and len(inputs) > 1
-            recomputed.append((None if drop_x else x, y, pooled, save_mean, save_invstd))
-            if i < len(ctx.specs) - 1:
-                x = F.conv2d(pooled, conv_weight, None, *conv_args)
-        grads: list[Tensor | None] = [None] * len(needs)
-        grad = grad_out
-        for i in reversed(range(len(ctx.specs))):
-            bn_training, running, eps, pool, (stride, padding, dilation, groups) = ctx.specs[i]
-            norm_weight, norm_bias, conv_weight = params[3 * i : 3 * i + 3]
-            x, y, pooled, save_mean, save_invstd = recomputed.pop()
-            grad, grads[3 * i + 2], _ = torch.ops.aten.convolution_backward(
-                grad, pooled, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
-                [True, needs[3 * i + 2], False],
-            )
-            if pool is not None:
-                with torch.enable_grad():
-                    leaf = y.detach().requires_grad_()
-                    (grad,) = torch.autograd.grad(pool(leaf), leaf, grad)
-            del pooled
-            # ReLU backward in place (grad is a fresh buffer); masked_fill_ with a y <= 0 mask is 9x slower
-            torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
-            del y
-            if x is None:
-                x = _concat(inputs)
-            grad, grads[3 * i], grads[3 * i + 1] = torch.ops.aten.native_batch_norm_backward(
-                grad, x, norm_weight, *running, save_mean, save_invstd, bn_training, eps,
-                [True, needs[3 * i], needs[3 * i + 1]],
-            )
-            del x
-        offset = 0
-        for j, t in enumerate(inputs):
-            if needs[num_params + j]:
-                grads[num_params + j] = grad.narrow(1, offset, t.shape[1])
-            offset += t.shape[1]
-        return (None, *grads)
-
-
-def _composite_chain(
-    inputs: list[Tensor], stages: list[tuple[nn.Module, ...]], memory_efficient: bool
-) -> Tensor:
-    """Composite functions H = Conv(ReLU(BN(.))) applied in turn to ``cat(inputs)``, ``(B, C_i, H, W)``
-    maps; ``stages`` holds ``(norm, relu, pool, conv)`` modules, ``pool`` None or stateless.
-
-    The recomputing path runs only when gradients will be needed; without them nothing is stored
-    anyway and the plain path is cheaper.
-    """
-    params = [t for norm, _, _, conv in stages for t in (norm.weight, norm.bias, conv.weight)]
-    if memory_efficient and torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *params)):
-        specs = tuple((norm, pool, conv) for norm, _, pool, conv in stages)
-        return _CompositeChainFunction.apply(specs, *params, *inputs)
-    x = _concat(inputs)
-    for norm, relu, pool, conv in stages:
-        x = relu(norm(x))
-        x = conv(pool(x) if pool is not None else x)
-    return x
 
 
 class _DenseLayer(nn.Module):
@@ -205,10 +85,10 @@ class _DenseLayer(nn.Module):
         stage1 = (self.norm1, self.relu1, None, self.conv1)
         stage2 = (self.norm2, self.relu2, None, self.conv2)
         if self.memory_efficient and self.recompute_bottleneck:
-            new_features = _composite_chain(prev_features, [stage1, stage2], self.memory_efficient)
+            new_features = composite_chain(prev_features, [stage1, stage2], self.memory_efficient)
         else:
-            bottleneck = _composite_chain(prev_features, [stage1], self.memory_efficient)
-            new_features = _composite_chain([bottleneck], [stage2], self.memory_efficient)
+            bottleneck = composite_chain(prev_features, [stage1], self.memory_efficient)
+            new_features = composite_chain([bottleneck], [stage2], self.memory_efficient)
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
@@ -257,7 +137,7 @@ class _Transition(nn.Module):
         self.memory_efficient = memory_efficient
 
     def forward(self, x: Tensor) -> Tensor:
-        return _composite_chain([x], [(self.norm, self.relu, self.pool, self.conv)], self.memory_efficient)
+        return composite_chain([x], [(self.norm, self.relu, self.pool, self.conv)], self.memory_efficient)
 
 
 def init_weights(module: nn.Module) -> None:

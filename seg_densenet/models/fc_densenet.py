@@ -39,7 +39,7 @@ class FCDenseNet(nn.Module):
             (down blocks, bottleneck, up blocks).
         n_filters_first_conv: maps of the first 3x3 conv (48 in the paper).
         drop_rate: dropout after every conv of dense layers and transitions down (0.2 in the paper).
-        memory_efficient: recompute each dense layer's concat-BN-ReLU-conv in backward instead of
+        memory_efficient: recompute each dense layer's concat-BN-ReLU in backward instead of
             storing it (same outputs and gradients, less memory, slower).
         mc_dropout: keep dropout active in eval mode (Monte-Carlo dropout for uncertainty maps).
 

@@ -8,13 +8,11 @@ FC-DenseNet (and the DenseUNet decoder) from growing without bound.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import Tensor, nn
+
+from seg_densenet.models.recompute import composite_chain
 
 
 class MCDropout(nn.Dropout):
@@ -49,35 +47,6 @@ def center_crop(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return x.narrow(-2, top, h).narrow(-1, left, w)
 
 
-@contextlib.contextmanager
-def frozen_bn_statistics(*norms: nn.BatchNorm2d) -> Iterator[None]:
-    """Context of a backward-time recomputation: the BN layers give the same batch statistics but do
-    not move their running statistics (or batch counters) a second time."""
-    saved = [(norm, norm.momentum, None if norm.num_batches_tracked is None else norm.num_batches_tracked.clone())
-             for norm in norms]
-    for norm in norms:
-        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
-    try:
-        yield
-    finally:
-        for norm, momentum, tracked in saved:
-            norm.momentum = momentum
-            if tracked is not None:
-                norm.num_batches_tracked.copy_(tracked)
-
-
-def checkpoint_with_bn(function, *args: Tensor, norms: Sequence[nn.BatchNorm2d]) -> Tensor:
-    """``function(*args)`` whose intermediate tensors are recomputed in backward instead of stored
-    (``torch.utils.checkpoint``, non-reentrant); ``norms``: the BN layers inside, kept from updating
-    their running statistics twice."""
-    return cp.checkpoint(
-        function,
-        *args,
-        use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), frozen_bn_statistics(*norms)),
-    )
-
-
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Reflect-pad the bottom and right of ``x`` (B, C, H, W) so that H and W are multiples of ``multiple``
     (H, W >= ``multiple``).
@@ -107,7 +76,8 @@ class _DenseLayer(nn.Module):
 
     Input is the list of maps seen so far; they are concatenated here so that memory-efficient mode
     can recompute the concatenation and BN output (the largest tensors) in backward instead of storing
-    them (``torch.utils.checkpoint``, non-reentrant). Dropout stays outside the checkpoint.
+    them (:func:`~seg_densenet.models.recompute.composite_chain`, which never reruns the conv). Dropout
+    stays outside the recomputed part.
     """
 
     def __init__(
@@ -120,18 +90,10 @@ class _DenseLayer(nn.Module):
         self.drop = MCDropout(drop_rate)
         self.memory_efficient = memory_efficient
 
-    def _cat_norm_relu_conv(self, *features: Tensor) -> Tensor:
-        return self.conv(self.relu(self.norm(torch.cat(features, 1))))
-
     def forward(self, features: list[Tensor]) -> Tensor:
         """(B, C_i, H, W) maps -> (B, growth_rate, H, W)."""
-        params = (self.norm.weight, self.norm.bias, self.conv.weight)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*features, *params))
-        if self.memory_efficient and needs_grad:
-            out = checkpoint_with_bn(self._cat_norm_relu_conv, *features, norms=[self.norm])
-        else:
-            out = self._cat_norm_relu_conv(*features)
-        return self.drop(out)
+        stage = (self.norm, self.relu, None, self.conv)
+        return self.drop(composite_chain(features, [stage], self.memory_efficient))
 
 
 class DenseBlock(nn.Module):
@@ -144,7 +106,7 @@ class DenseBlock(nn.Module):
         drop_rate: dropout probability after each conv.
         keep_input: if True return input + new maps (down path, last up block), else only the
             ``num_layers * growth_rate`` new maps (up path; avoids the channel explosion).
-        memory_efficient: checkpoint the concat-BN-ReLU-conv of each layer while training.
+        memory_efficient: recompute each layer's concat-BN-ReLU in backward instead of storing it.
     """
 
     def __init__(
