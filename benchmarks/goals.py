@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from benchmarks.training import PER_LAYER
+
 
 def _get(results: Mapping, *path: str) -> dict:
     node = results
@@ -168,11 +170,11 @@ def _verdict(ratio: float) -> str:
     return "no gain" if ratio >= 0.95 else "slower: not kept"
 
 
-def _memory_verdict(speed: float, memory: float) -> str:
-    """A memory-saving path: kept for at least 10% less peak memory at no more than 10% less speed,
-    or for speed alone."""
+def _memory_verdict(speed: float, memory: float, what: str = "peak memory") -> str:
+    """A memory-saving path: kept for at least 10% less memory (``what``: peak or added by the step) at
+    no more than 10% less speed, or for speed alone."""
     if memory <= 0.9 and speed >= 0.9 and speed < 1.05:
-        return f"justified: {1 - memory:.0%} less peak memory for {max(1 - speed, 0):.0%} less speed"
+        return f"justified: {1 - memory:.0%} less {what} for {max(1 - speed, 0):.0%} less speed"
     return _verdict(speed)
 
 
@@ -250,20 +252,25 @@ def fast_paths(results: Mapping) -> list[dict]:
     if not _ok(tv_me, ours_me):
         rows.append(
             {
-                "path": "recompute concat+BN+ReLU in a custom autograd function (ours) against torch.utils.checkpoint (torchvision)",
+                "path": "shared concatenation storage + recomputing BN+ReLU in a custom autograd function (ours, as Pleiss et al.) against torch.utils.checkpoint (torchvision)",
                 "where": "training, DenseNet-121 memory-efficient",
                 "measured": f"{_speed(ours_me, tv_me):.2f}x speed, {_memory(ours_me, tv_me):.2f}x peak memory",
                 "verdict": _memory_verdict(_speed(ours_me, tv_me), _memory(ours_me, tv_me)),
             }
         )
-    rows.append(
-        {
-            "path": "pre-allocated shared concatenation storage (Pleiss et al.)",
-            "where": "training",
-            "measured": "-",
-            "verdict": "not measured: seg_densenet has no shared-storage variant (its memory-efficient modes recompute)",
-        }
-    )
+    seg = _get(results, "suites", "train", "segmentation")
+    for group, model, where in ((dn, "ours", "DenseNet-121"), (seg, "DenseUNet", "DenseUNet")):
+        shared, per_layer = group.get(f"{model} plain", {}), group.get(f"{model} plain{PER_LAYER}", {})
+        if not _ok(shared, per_layer):
+            s, m = _speed(shared, per_layer), _added(shared, per_layer)
+            rows.append(
+                {
+                    "path": "pre-allocated shared concatenation storage (Pleiss et al.) against concatenating per layer",
+                    "where": f"training, {where} plain",
+                    "measured": f"{s:.2f}x speed, {m:.2f}x memory added by the step",
+                    "verdict": _memory_verdict(s, m, "memory added by the step"),
+                }
+            )
     loaders = _get(results, "suites", "data", "loaders")
     persistent, restarted = (
         loaders.get("2 workers, persistent", {}),

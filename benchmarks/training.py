@@ -2,15 +2,17 @@
 
 Groups, each interleaved in one process run:
 
-* ``densenet121``: torchvision's DenseNet-121 against ours (same weights), ``(B, 3, S, S)``, 1000 classes.
-* ``segmentation``: DenseUNet (plain and memory-efficient) against smp's Unet(densenet121),
-  ``(B, 1, S, S)``, 4 classes.
+* ``densenet121``: torchvision's DenseNet-121 against ours (same weights), ``(B, 3, S, S)``, 1000 classes;
+  ours also with per-layer concatenation instead of its shared concatenation storage.
+* ``segmentation``: DenseUNet (plain, plain with per-layer concatenation, memory-efficient) against smp's
+  Unet(densenet121), ``(B, 1, S, S)``, 4 classes.
 * ``fc_densenet``: FC-DenseNet56 and FC-DenseNet103, same input. A step of these takes one to two
   minutes on two CPU cores, so by default each runs a single cold step (their goal is a memory ratio).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -20,6 +22,9 @@ from torch import nn
 
 from benchmarks.measure import SkipCheck, interleave, summaries
 from seg_densenet.models import build_model
+from seg_densenet.models.shared_storage import per_layer_concatenation
+
+PER_LAYER = " (per-layer concatenation)"  # suffix of configurations run without shared storage
 
 
 @dataclass(frozen=True)
@@ -57,13 +62,16 @@ def training_step(
     x: torch.Tensor,
     y: torch.Tensor,
     memory_efficient: bool,
+    per_layer: bool = False,
 ) -> Callable[[], None]:
-    """A call running one SGD step of ``model`` on ``x`` (B, C, H, W) with targets ``y`` (class ids)."""
+    """A call running one SGD step of ``model`` on ``x`` (B, C, H, W) with targets ``y`` (class ids);
+    ``per_layer``: dense blocks concatenate for every layer instead of using shared storage."""
 
     def step() -> None:
         set_memory_efficient(model, memory_efficient)
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with per_layer_concatenation() if per_layer else contextlib.nullcontext():
+            nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
     return step
@@ -79,7 +87,8 @@ def run_group(
     max_call_s: float,
     skip_check: SkipCheck | None = None,
 ) -> dict:
-    """Interleaved training steps of ``models`` ({config name: (model, memory_efficient)}) on ``x``, ``y``.
+    """Interleaved training steps of ``models`` ({config name: (model, memory_efficient)}) on ``x``, ``y``;
+    a name ending in :data:`PER_LAYER` runs without shared concatenation storage.
 
     A model listed twice (plain and memory-efficient) keeps one optimizer, so both configurations
     update the same momentum buffers, as one model trained with the flag switched would.
@@ -94,8 +103,9 @@ def run_group(
     for name, (model, memory_efficient) in models.items():
         if id(model) not in optimizers:
             optimizers[id(model)] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        training_step(model, optimizers[id(model)], x_small, y_small, memory_efficient)()
-        steps[name] = training_step(model, optimizers[id(model)], x, y, memory_efficient)
+        per_layer = name.endswith(PER_LAYER)
+        training_step(model, optimizers[id(model)], x_small, y_small, memory_efficient, per_layer)()
+        steps[name] = training_step(model, optimizers[id(model)], x, y, memory_efficient, per_layer)
     settings = {
         name: {"batch": x.shape[0], "size": list(x.shape[-2:]), "memory_efficient": me}
         for name, (_, me) in models.items()
@@ -125,6 +135,7 @@ def densenet121_group(plan: TrainPlan, device: torch.device) -> dict:
         "torchvision plain": (reference, False),
         "torchvision memory-efficient": (reference, True),
         "ours plain": (ours, False),
+        "ours plain" + PER_LAYER: (ours, False),
         "ours memory-efficient": (ours, True),
     }
     return run_group(models, x, y, device, plan.warmup, plan.repeats, plan.max_call_s)
@@ -145,6 +156,7 @@ def segmentation_group(plan: TrainPlan, device: torch.device) -> dict:
     models = {
         "smp Unet(densenet121)": (smp_unet, False),
         "DenseUNet plain": (dense_unet, False),
+        "DenseUNet plain" + PER_LAYER: (dense_unet, False),
         "DenseUNet memory-efficient": (dense_unet, True),
     }
     return run_group(models, x, y, device, plan.warmup, plan.repeats, plan.max_call_s)

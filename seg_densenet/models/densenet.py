@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from seg_densenet.errors import ConfigError
 from seg_densenet.models.recompute import checkpoint_with_bn, composite_chain
+from seg_densenet.models.shared_storage import dense_block_forward
 
 __all__ = [
     "DENSENET_CONFIGS",
@@ -114,11 +115,9 @@ class _DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, init_features: Tensor) -> Tensor:
-        # Keep the list and let each layer concatenate it once, as the paper's connectivity reads.
-        features = [init_features]
-        for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, 1)
+        layers = list(self.values())
+        growth_rate = layers[0].conv2.out_channels if layers else 0
+        return dense_block_forward(layers, init_features, growth_rate)
 
 
 class _Transition(nn.Module):

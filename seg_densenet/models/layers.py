@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg_densenet.models.recompute import composite_chain
+from seg_densenet.models.shared_storage import dense_block_forward
 
 
 class MCDropout(nn.Dropout):
@@ -120,6 +121,7 @@ class DenseBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.keep_input = keep_input
+        self.growth_rate = growth_rate
         self.num_new_features = num_layers * growth_rate
         self.num_output_features = self.num_new_features + (num_input_features if keep_input else 0)
         self.layers = nn.ModuleList(
@@ -129,10 +131,7 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> (B, num_output_features, H, W)."""
-        features = [x]
-        for layer in self.layers:
-            features.append(layer(features))
-        return torch.cat(features if self.keep_input else features[1:], 1)
+        return dense_block_forward(self.layers, x, self.growth_rate, self.keep_input)
 
 
 class TransitionDown(nn.Module):
