@@ -17,6 +17,7 @@ On a GPU the peak is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memo
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import gc
 import os
@@ -99,7 +100,7 @@ class Measurement:
     """Calls of one configuration: seconds, peak bytes and added bytes per measured call.
 
     ``items``: images or slices one call processes. ``status``: ``ok``, ``skipped`` or ``failed``
-    (``reason`` says why). ``cold_s``: the unmeasured warm-up calls.
+    (``reason`` says why). ``cold_s``: the untimed calls (warm-up, then the memory call).
     """
 
     items: int
@@ -132,6 +133,12 @@ class Measurement:
 SkipCheck = Callable[[str, dict[str, Measurement]], str | None]
 
 
+# Untimed calls (warm-up, memory) on the CPU run in this thread, whose malloc arena is its own: the
+# heap chunks that timed calls free in the main thread's arena cannot be reused there, which would hide
+# allocations from the resident set size.
+_UNTIMED_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="untimed")
+
+
 def interleave(
     calls: dict[str, Callable[[], object]],
     items: dict[str, int],
@@ -142,41 +149,48 @@ def interleave(
     max_call_s: float = float("inf"),
     skip_check: SkipCheck | None = None,
     settings: dict[str, dict] | None = None,
+    untimed_in_thread: bool = True,
 ) -> dict[str, Measurement]:
     """Run the calls in turn, round after round (A, B, A, B, ...), so that background load hits all alike.
 
-    The first round measures peak memory (on the CPU with the allocator set for it, see the module
-    docstring) and counts as the first warm-up round; ``warmup - 1`` further unmeasured rounds follow,
-    then ``repeats`` timed ones. With ``warmup=0`` the memory round is an extra, cold call.
+    ``warmup`` unmeasured rounds come first, then one round that measures peak memory (on the CPU
+    with the allocator set for it, see the module docstring), then ``repeats`` timed rounds. Warm
+    calls are measured because a first call at a new input size also allocates one-time state
+    (oneDNN primitives and scratchpads). With ``warmup=0`` the memory call is the cold first call.
     ``skip_check(name, done)``, asked before a configuration's first call with the measurements so far,
     returns a reason to skip it (a prediction from smaller configurations) or None. A configuration whose
-    call took longer than ``max_call_s`` gets no further rounds (a lone memory call then also gives the
-    time, cold and under the memory setting; ``reason`` says so). A call that raises marks its
-    configuration ``failed`` with the error's first line.
+    call took longer than ``max_call_s`` gets no further rounds, except its memory call (without a timed
+    call the last untimed call gives the time; ``reason`` says so). A call that raises marks its
+    configuration ``failed`` with the error's first line. ``untimed_in_thread=False`` keeps the untimed
+    calls in the calling thread (DataLoader workers must be started and stopped from one thread).
     """
     meter = MemoryMeter(device)
     results = {name: Measurement(items[name], settings=(settings or {}).get(name, {})) for name in calls}
     stopped: set[str] = set()
+    rushed: set[str] = set()  # a warm-up call took too long: straight to the memory call, then stop
     cpu = device.type == "cpu"
-    for round_index in range(max(warmup, 1) + repeats):
-        memory_round, timed = round_index == 0, round_index >= max(warmup, 1)
+    for round_index in range(warmup + 1 + repeats):
+        memory_round, timed = round_index == warmup, round_index > warmup
         for name, call in calls.items():
             result = results[name]
-            if name in stopped or result.status != "ok":
+            if name in stopped or result.status != "ok" or (name in rushed and round_index < warmup):
                 continue
-            if memory_round and skip_check is not None:
+            if round_index == 0 and skip_check is not None:
                 reason = skip_check(name, results)
                 if reason:
                     result.status, result.reason = "skipped", reason
                     continue
-            if cpu:
-                set_malloc_mode(memory=memory_round)
+            if cpu:  # untimed calls too run under the memory setting, so the heap keeps no freed tensors
+                set_malloc_mode(memory=not timed)
             if memory_round:
                 meter.reset()
             synchronize(device)
             start = time.perf_counter()
             try:
-                call()
+                if cpu and not timed and untimed_in_thread:
+                    _UNTIMED_THREAD.submit(call).result()
+                else:
+                    call()
                 synchronize(device)
             except Exception as err:  # recorded, not raised: one broken configuration must not end the suite
                 result.status, result.reason = (
@@ -193,11 +207,13 @@ def interleave(
                 result.peak_bytes.append(peak)
                 result.added_bytes.append(max(peak - meter.before, 0))
             (result.seconds if timed else result.cold_s).append(seconds)
-            if seconds > max_call_s:
+            if seconds > max_call_s and round_index < warmup:
+                rushed.add(name)
+            elif seconds > max_call_s or name in rushed:
                 stopped.add(name)
-                if not result.seconds:  # only the memory call: keep its time rather than none
+                if not result.seconds:  # no timed call: keep the last call's time rather than none
                     result.seconds.append(result.cold_s.pop())
-                    result.reason = "timed on its cold memory call: "
+                    result.reason = "untimed call's time kept: "
                 result.reason += f"stopped after {len(result.seconds) + len(result.cold_s)} call(s): one took {seconds:.0f} s > {max_call_s:.0f} s"
     return results
 

@@ -24,8 +24,11 @@ METHOD = """\
 Each comparison runs in one process with its configurations interleaved (A, B, A, B, ...) after the
 stated warm-up rounds, so background load hits all of them alike; speed is the median over the measured
 calls (images/s, slices/s), and ratios always divide two configurations of the same interleaved run.
-Time and memory come from separate calls of the same run: the first round of each configuration
-measures memory and doubles as its first warm-up round; the measured calls are timed. Peak memory on the
+Time and memory come from separate calls of the same run: after the warm-up rounds one round
+measures memory, then the timed rounds follow (the *calls* column counts untimed + timed calls). On
+the CPU the untimed calls run in a worker thread under the memory setting below, so that heap memory
+freed by the timed calls (in the main thread's malloc arena) cannot be reused unseen by a later
+memory call. Peak memory on the
 CPU is the process's peak resident set size (`VmHWM`), reset before the call through
 `/proc/self/clear_refs`, with glibc's mmap threshold pinned at 128 KiB so that freed tensors go back to
 the OS at once; *added* is the peak minus the resident memory just before the call (what the step
@@ -35,8 +38,8 @@ setting reaches in a training loop (mmap 32 MiB, trim 64 MiB), as in a user's pr
 by 40 % and the allocation-heavy memory-efficient paths the most. On a GPU the peak is
 `torch.cuda.max_memory_allocated`. Configurations predicted to take longer than the suite's limit per
 call, or to need more memory, are skipped and listed with the prediction. Steps of the FC-DenseNets
-take half a minute to a minute on this machine, so they run one memory call and one timed call each (their
-goal is a memory ratio).
+take half a minute to a minute on this machine, so they run one cold memory call and one timed call each
+(their goal is a memory ratio).
 """
 
 

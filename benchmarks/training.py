@@ -5,7 +5,7 @@ Groups, each interleaved in one process run:
 * ``densenet121``: torchvision's DenseNet-121 against ours (same weights), ``(B, 3, S, S)``, 1000 classes;
   ours also with per-layer concatenation instead of its shared concatenation storage.
 * ``segmentation``: DenseUNet (plain, plain with per-layer concatenation, memory-efficient) against smp's
-  Unet(densenet121), ``(B, 1, S, S)``, 4 classes.
+  Unet(densenet121), ``(B, 1, S, S)``, 4 classes; smp and memory-efficient DenseUNet also channels-last.
 * ``fc_densenet``: FC-DenseNet56 and FC-DenseNet103, same input. A step of these takes one to two
   minutes on two CPU cores, so by default each runs a single cold step (their goal is a memory ratio).
 """
@@ -13,6 +13,7 @@ Groups, each interleaved in one process run:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -25,6 +26,7 @@ from seg_densenet.models import build_model
 from seg_densenet.models.shared_storage import per_layer_concatenation
 
 PER_LAYER = " (per-layer concatenation)"  # suffix of configurations run without shared storage
+CHANNELS_LAST = ", channels_last"  # suffix of configurations whose model and input are NHWC
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class TrainPlan:
     batch: int = 8
     size: int = 224
     warmup: int = 1
-    repeats: int = 2
+    repeats: int = 3
     fc_batch: int = 8
     fc_warmup: int = 0
     fc_repeats: int = 1
@@ -88,7 +90,8 @@ def run_group(
     skip_check: SkipCheck | None = None,
 ) -> dict:
     """Interleaved training steps of ``models`` ({config name: (model, memory_efficient)}) on ``x``, ``y``;
-    a name ending in :data:`PER_LAYER` runs without shared concatenation storage.
+    a name ending in :data:`PER_LAYER` runs without shared concatenation storage, one ending in
+    :data:`CHANNELS_LAST` gets its input in NHWC layout (its model must have been converted).
 
     A model listed twice (plain and memory-efficient) keeps one optimizer, so both configurations
     update the same momentum buffers, as one model trained with the flag switched would.
@@ -104,8 +107,10 @@ def run_group(
         if id(model) not in optimizers:
             optimizers[id(model)] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         per_layer = name.endswith(PER_LAYER)
-        training_step(model, optimizers[id(model)], x_small, y_small, memory_efficient, per_layer)()
-        steps[name] = training_step(model, optimizers[id(model)], x, y, memory_efficient, per_layer)
+        layout = torch.channels_last if name.endswith(CHANNELS_LAST) else torch.contiguous_format
+        small, full = (t.contiguous(memory_format=layout) for t in (x_small, x))
+        training_step(model, optimizers[id(model)], small, y_small, memory_efficient, per_layer)()
+        steps[name] = training_step(model, optimizers[id(model)], full, y, memory_efficient, per_layer)
     settings = {
         name: {"batch": x.shape[0], "size": list(x.shape[-2:]), "memory_efficient": me}
         for name, (_, me) in models.items()
@@ -148,22 +153,27 @@ def _segmentation_inputs(batch: int, size: int, device: torch.device) -> tuple[t
 
 
 def segmentation_group(plan: TrainPlan, device: torch.device) -> dict:
-    """DenseUNet (plain, memory-efficient) against smp Unet(densenet121), 1 channel, 4 classes."""
+    """DenseUNet (plain, memory-efficient) against smp Unet(densenet121), 1 channel, 4 classes; both
+    also in channels-last layout."""
     torch.manual_seed(0)
     smp_unet = build_model("smp_unet", in_channels=1, num_classes=4).to(device).train()
     dense_unet = build_model("dense_unet", in_channels=1, num_classes=4).to(device).train()
+    nhwc = {m: copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (smp_unet, dense_unet)}
     x, y = _segmentation_inputs(plan.batch, plan.size, device)
     models = {
         "smp Unet(densenet121)": (smp_unet, False),
         "DenseUNet plain": (dense_unet, False),
         "DenseUNet plain" + PER_LAYER: (dense_unet, False),
         "DenseUNet memory-efficient": (dense_unet, True),
+        "smp Unet(densenet121)" + CHANNELS_LAST: (nhwc[smp_unet], False),
+        "DenseUNet memory-efficient" + CHANNELS_LAST: (nhwc[dense_unet], True),
     }
     return run_group(models, x, y, device, plan.warmup, plan.repeats, plan.max_call_s)
 
 
 def fc_densenet_group(plan: TrainPlan, device: torch.device) -> dict:
-    """FC-DenseNet56 (plain) and FC-DenseNet103 (plain, memory-efficient), 1 channel, 4 classes."""
+    """FC-DenseNet56 (plain) and FC-DenseNet103 (plain, plain with per-layer concatenation,
+    memory-efficient), 1 channel, 4 classes."""
     torch.manual_seed(0)
     fc56 = build_model("fc_densenet56", in_channels=1, num_classes=4).to(device).train()
     fc103 = build_model("fc_densenet103", in_channels=1, num_classes=4).to(device).train()
@@ -171,6 +181,7 @@ def fc_densenet_group(plan: TrainPlan, device: torch.device) -> dict:
     models = {
         "FC-DenseNet56 plain": (fc56, False),
         "FC-DenseNet103 plain": (fc103, False),
+        "FC-DenseNet103 plain" + PER_LAYER: (fc103, False),
         "FC-DenseNet103 memory-efficient": (fc103, True),
     }
     return run_group(models, x, y, device, plan.fc_warmup, plan.fc_repeats, plan.max_call_s)

@@ -93,6 +93,7 @@ def _run_classification(cfg: DictConfig, stage_dir: Path) -> dict:
     module = ClassificationModule(
         net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
         num_classes=datamodule.num_classes, label_smoothing=stage_cfg.label_smoothing,
+        channels_last=cfg.channels_last,
     )
     return _fit(cfg, stage_cfg, module, datamodule, stage_dir)
 
@@ -120,6 +121,7 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         loss=stage_cfg.loss, class_weights=stage_cfg.class_weights, hd95_every_n_epochs=stage_cfg.hd95_every_n_epochs,
         freeze_encoder_epochs=stage_cfg.freeze_encoder_epochs, encoder_lr_mult=stage_cfg.encoder_lr_mult,
         freeze_encoder_bn=stage_cfg.freeze_encoder_bn, inference_batch_size=stage_cfg.inference_batch_size,
+        channels_last=cfg.channels_last,
     )
     return _fit(cfg, stage_cfg, module, datamodule, stage_dir, {"encoder_weights": encoder_weights})
 

@@ -64,9 +64,9 @@ def test_interleave_alternates_configurations_and_records_skips_and_failures():
         repeats=2,
         skip_check=lambda name, done: "predicted too slow" if name == "skipped" else None,
     )
-    assert order == ["a", "b", "broken", "a", "b", "a", "b"]
-    # the first round measures memory and is the warm-up; the two timed rounds measure time only
-    assert len(results["a"].cold_s) == 1 and len(results["a"].seconds) == 2
+    assert order == ["a", "b", "broken", "a", "b", "a", "b", "a", "b"]
+    # a warm-up round, a memory round, then two timed rounds that measure time only
+    assert len(results["a"].cold_s) == 2 and len(results["a"].seconds) == 2
     assert len(results["a"].peak_bytes) == 1
     summary = results["a"].summary()
     assert (
@@ -191,3 +191,15 @@ def test_memory_saving_path_is_kept_for_less_memory_at_the_same_speed():
     assert _memory_verdict(0.96, 0.93) == "no gain"
     assert _memory_verdict(1.00, 1.00) == "no gain"
     assert _memory_verdict(1.10, 1.00) == "justified"
+
+
+def test_interleave_stops_a_slow_configuration_after_its_memory_call():
+    order: list[str] = []
+    results = interleave(
+        {"slow": lambda: order.append("slow")}, {"slow": 1}, torch.device("cpu"),
+        warmup=2, repeats=3, max_call_s=0.0,
+    )
+    assert order == ["slow", "slow"]  # one warm-up call, then straight to the memory call
+    slow = results["slow"]
+    assert len(slow.peak_bytes) == 1 and len(slow.seconds) == 1 and len(slow.cold_s) == 1
+    assert slow.reason.startswith("untimed call's time kept: stopped after 2 call(s)")

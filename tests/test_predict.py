@@ -177,3 +177,24 @@ def test_large_volume_is_predicted_within_a_memory_budget(trained_ckpt, tmp_path
     result = limited.predict(volume)
     assert result["labels"].shape == volume.shape and result["labels"].dtype == np.uint8
     np.testing.assert_array_equal(result["labels"], unlimited.predict(volume)["labels"])
+
+
+def test_channels_last_predicts_what_nchw_predicts(trained_ckpt, tmp_path):
+    from seg_densenet.checkpoint import load_model
+    from seg_densenet.data.nifti import load_volume
+    from seg_densenet.predict import Predictor, preprocessor_from_record
+
+    data = np.random.default_rng(1).normal(100, 20, size=(70, 90, 3)).astype(np.float32)
+    path = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 8.0, 1.0])), path)
+    volume = load_volume(path)
+    results = []
+    for channels_last in (True, False):
+        model, record = load_model(trained_ckpt)
+        preprocessor = preprocessor_from_record(record["data"])
+        predictor = Predictor(model, preprocessor, keep_probs=True, channels_last=channels_last)
+        kernels = [p for p in predictor.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+        assert all(k.is_contiguous(memory_format=torch.channels_last) == channels_last for k in kernels)
+        results.append(predictor.predict(volume))
+    np.testing.assert_allclose(results[0]["probs"], results[1]["probs"], atol=1e-5)
+    np.testing.assert_array_equal(results[0]["labels"], results[1]["labels"])

@@ -47,7 +47,7 @@ def test_dense_block_matches_per_layer_concatenation(memory_efficient, keep_inpu
     with per_layer_concatenation():
         out_r, gx_r, g_r = _step(reference, x)
     assert out_s.shape == (3, 6 * keep_input + 4 * 3, 12, 10)
-    if keep_input:  # the whole buffer (without the input: a view of its last channels)
+    if keep_input:  # the whole buffer or concatenation (without the input: a view of its last channels)
         assert out_s.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(out_s, out_r)
     torch.testing.assert_close(gx_s, gx_r)

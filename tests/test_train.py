@@ -96,6 +96,23 @@ def test_fast_dev_run_of_each_task(task, compose_cfg, tmp_path, synthetic_root):
     assert key in metrics and 0.0 <= metrics[key] <= 1.0
 
 
+def test_channels_last_training_runs_in_nhwc_and_matches_nchw(compose_cfg, tmp_path, synthetic_root):
+    from seg_densenet.lit.segmentation import SegmentationModule
+
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "debug=fast_dev_run",
+                       "channels_last=true"])
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/dice"] <= 1.0
+    net = instantiate(cfg.model)
+    nchw = SegmentationModule(net, instantiate(cfg.optim))
+    nhwc = SegmentationModule(instantiate(cfg.model), instantiate(cfg.optim), channels_last=True)
+    nhwc.model.load_state_dict(nchw.model.state_dict())
+    kernels = [p for p in nhwc.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
+    x = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(nhwc.eval()(x), nchw.eval()(x), atol=1e-5, rtol=1e-4)
+
+
 def test_pipeline_hands_stage1_weights_to_the_encoder(compose_cfg, tmp_path, synthetic_root):
     cfg = compose_cfg(quick_overrides(tmp_path, synthetic_root))
     train(cfg)

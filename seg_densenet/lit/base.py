@@ -33,16 +33,19 @@ class BaseModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "step",
         record: dict | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
-        self.model = model
+        # NHWC layout for the network and its 4-D inputs (the fast path of docs/benchmarks.md)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.record = record or {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model(x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x)
 
     def parameter_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]

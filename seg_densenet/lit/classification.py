@@ -17,8 +17,8 @@ class ClassificationModule(BaseModule):
     """
 
     def __init__(self, model, optimizer, scheduler=None, scheduler_interval="step", record=None,
-                 num_classes: int = 5, label_smoothing: float = 0.0):
-        super().__init__(model, optimizer, scheduler, scheduler_interval, record)
+                 num_classes: int = 5, label_smoothing: float = 0.0, channels_last: bool = False):
+        super().__init__(model, optimizer, scheduler, scheduler_interval, record, channels_last)
         self.label_smoothing = label_smoothing
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -26,7 +26,7 @@ class ClassificationModule(BaseModule):
         self.best_val_acc = 0.0
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["image"])
+        logits = self(batch["image"])
         loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
         return loss, logits.argmax(dim=1)
 

@@ -31,8 +31,8 @@ class SegmentationModule(BaseModule):
     def __init__(self, model: nn.Module, optimizer, scheduler=None, scheduler_interval="step", record=None,
                  loss: str = "dice_ce", class_weights: list[float] | None = None, hd95_every_n_epochs: int = 5,
                  freeze_encoder_epochs: int = 0, encoder_lr_mult: float = 1.0, freeze_encoder_bn: bool = False,
-                 inference_batch_size: int = 16):
-        super().__init__(model, optimizer, scheduler, scheduler_interval, record)
+                 inference_batch_size: int = 16, channels_last: bool = False):
+        super().__init__(model, optimizer, scheduler, scheduler_interval, record, channels_last)
         self.loss_fn = build_loss(loss, class_weights)
         self.hd95_every_n_epochs = hd95_every_n_epochs
         self.freeze_encoder_epochs = freeze_encoder_epochs
@@ -84,7 +84,7 @@ class SegmentationModule(BaseModule):
         return self.current_epoch if self._trainer is not None else 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["image"])
+        logits = self(batch["image"])
         loss = self.loss_fn(logits, batch["mask"])
         self.check_finite(loss, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
@@ -94,7 +94,7 @@ class SegmentationModule(BaseModule):
     @torch.no_grad()
     def predict_volume_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(S, C, H, W)`` of a slice stack ``(S, 1, H, W)``, in batches of slices."""
-        chunks = [self.model(image[i : i + self.inference_batch_size])
+        chunks = [self(image[i : i + self.inference_batch_size])
                   for i in range(0, image.shape[0], self.inference_batch_size)]
         return torch.cat(chunks)
 
