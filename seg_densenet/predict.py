@@ -243,6 +243,20 @@ def largest_connected_components(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def build_predictor(ckpt: str | Path, *, device: str = "auto", **options) -> tuple[Predictor, dict]:
+    """The :class:`Predictor` of a segmentation checkpoint (its network and training preprocessing)
+    with ``options`` (see :class:`Predictor`); returns ``(predictor, checkpoint record)``."""
+    model, record = load_model(ckpt)
+    if record.get("task") != "segment":
+        raise SegDenseNetError(f"{ckpt}: a {record.get('task')} checkpoint, not a segmentation model")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    predictor = Predictor(
+        model, preprocessor_from_record(record.get("data", {})), device=device,
+        num_classes=len(record.get("class_names", [])) or 4, **options,
+    )
+    return predictor, record
+
+
 def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta: bool = False,
                  postprocess: str | None = None, mc_samples: int = 0, save_probs: bool = False,
                  device: str = "auto", precision: str = "32", batch_size: int = 16,
@@ -255,15 +269,10 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
     for target in targets:
         if target.resolve() in inputs:
             raise SegDenseNetError(f"{target}: output path is an input file; refusing to overwrite it")
-    model, record = load_model(ckpt)
-    if record.get("task") != "segment":
-        raise SegDenseNetError(f"{ckpt}: a {record.get('task')} checkpoint, not a segmentation model")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    predictor = Predictor(
-        model, preprocessor_from_record(record.get("data", {})), device=device, precision=precision,
-        batch_size=batch_size, tta=tta, mc_samples=mc_samples, postprocess=postprocess,
-        num_classes=len(record.get("class_names", [])) or 4, keep_probs=save_probs,
-        memory_budget_mb=memory_budget_mb, channels_last=channels_last,
+    predictor, _ = build_predictor(
+        ckpt, device=device, precision=precision, batch_size=batch_size, tta=tta, mc_samples=mc_samples,
+        postprocess=postprocess, keep_probs=save_probs, memory_budget_mb=memory_budget_mb,
+        channels_last=channels_last,
     )
     written = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
