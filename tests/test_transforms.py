@@ -91,3 +91,52 @@ def test_workers_draw_different_reproducible_augmentations():
     first, again = run(), run()
     assert not torch.equal(first[0], first[2])  # worker 0's first item vs worker 1's first item
     assert torch.equal(first, again)
+
+
+def _flip_draws(augment: WorkerSeededAugment, n: int) -> list[tuple[bool, bool]]:
+    """(horizontal, vertical) of ``n`` draws of a pipeline holding the two flips."""
+    image = np.arange(12, dtype=np.float32).reshape(3, 4)  # no symmetry: each flip is recognisable
+    mask = np.zeros((3, 4), dtype=np.uint8)
+    variants = {
+        (False, False): image, (True, False): image[:, ::-1], (False, True): image[::-1], (True, True): image[::-1, ::-1],
+    }
+    draws = []
+    for _ in range(n):
+        out, _ = augment(image, mask)
+        draws.append(next(k for k, v in variants.items() if np.allclose(out, v)))
+    return draws
+
+
+def test_transforms_draw_independently_in_a_seeded_pipeline():
+    # albumentations gives each transform of a seeded Compose the same stream; the wrapper must not
+    augment = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)], seed=7)
+    torch.manual_seed(0)
+    draws = _flip_draws(WorkerSeededAugment(augment), 400)
+    both = sum(h and v for h, v in draws) / len(draws)
+    reflections = sum(h != v for h, v in draws) / len(draws)
+    assert 0.18 < both < 0.32  # independent p=0.5 events co-occur in 25 % of draws
+    assert 0.40 < reflections < 0.60  # exactly one flip: a reflection, about half the time
+
+
+def test_every_pair_of_the_recipe_augmentation_draws_independently():
+    # a probability-only probe of the recipe's pipeline: each transform's own "apply" stream
+    augment = build("cardiac_strong")
+    torch.manual_seed(1)
+    WorkerSeededAugment(augment)(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8))  # seeds it
+    n = 2000
+    fired = np.array([[t.py_random.random() < 0.5 for t in augment.transforms] for _ in range(n)])
+    for a in range(fired.shape[1]):
+        for b in range(a + 1, fired.shape[1]):
+            assert 0.20 < np.mean(fired[:, a] & fired[:, b]) < 0.30, (augment.transforms[a], augment.transforms[b])
+
+
+def test_same_seed_gives_the_same_batches():
+    augment = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.Affine(rotate=(-180, 180), p=0.5)])
+
+    def run(seed):
+        torch.manual_seed(seed)
+        loader = DataLoader(_Repeat(WorkerSeededAugment(augment)), batch_size=2, num_workers=2)
+        return torch.cat(list(loader))
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))

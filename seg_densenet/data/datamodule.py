@@ -36,6 +36,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     synthetic: ``{"patients": N, "seed": S}`` (optionally ``"image_size": [X, Y]``) to generate the synthetic phantom into ``root`` when
     it is not complete there, or ``None``.
     crop_jitter: training crops are centred up to this many pixels away from the labels' centre.
+    foreground_fraction: ``None`` keeps label-centred crops; a probability samples patches over the whole
+    field of view, that fraction centred on a labelled pixel (:class:`~seg_densenet.data.datasets.SliceDataset`).
+    augment_margin: pixels of context around each training crop for augmentation, cropped off after it.
     normalization, percentiles, target_spacing (in-plane mm), crop_size (training ``(H, W)``): see
     :class:`~seg_densenet.data.preprocess.Preprocessor`; validation/test volumes are not cropped.
     cache_dir: where preprocessed volumes are kept (:mod:`~seg_densenet.data.cache`).
@@ -62,6 +65,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         target_spacing: Sequence[float] | None = None,
         crop_size: Sequence[int] | None = (128, 128),
         crop_jitter: int = 0,
+        foreground_fraction: float | None = None,
+        augment_margin: int = 0,
         cache_dir: str | Path = "data/cache",
         fold: int = 0,
         n_folds: int = 5,
@@ -97,6 +102,12 @@ class SegmentationDataModule(pl.LightningDataModule):
         if crop_jitter < 0:
             raise ConfigError(f"data.crop_jitter: must be >= 0 pixels, got {crop_jitter}")
         self.crop_jitter = int(crop_jitter)
+        if foreground_fraction is not None and not 0 <= foreground_fraction <= 1:
+            raise ConfigError(f"data.foreground_fraction: must be in [0, 1] or null, got {foreground_fraction}")
+        if augment_margin < 0:
+            raise ConfigError(f"data.augment_margin: must be >= 0 pixels, got {augment_margin}")
+        self.foreground_fraction = foreground_fraction
+        self.augment_margin = int(augment_margin)
         self.cache_dir = Path(cache_dir)
         self.fold, self.n_folds, self.val_fraction, self.seed = fold, n_folds, val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -171,7 +182,10 @@ class SegmentationDataModule(pl.LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------------
     def train_dataset(self) -> SliceDataset:
         augment = WorkerSeededAugment(self.augmentation) if self.augmentation is not None else None
-        return SliceDataset(self.entries["train"], self.crop_size, augment, self.crop_jitter)
+        return SliceDataset(
+            self.entries["train"], self.crop_size, augment, self.crop_jitter,
+            foreground_fraction=self.foreground_fraction, augment_margin=self.augment_margin,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -50,6 +50,15 @@ class _CachedArrays:
         center = self.entries[i].label_center
         if center is not None and any(offset):
             center = [c + o for c, o in zip(center, offset)]
+        return self._place(img, msk, size, center)
+
+    def crop_at(self, i: int, z: int, size: Sequence[int], center: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``z`` of entry ``i``, cropped/padded to ``size`` around ``center`` (``(row, col)`` pixels)."""
+        image, mask = self.arrays(i)
+        return self._place(np.asarray(image[z], dtype=np.float32), np.asarray(mask[z]), size, center)
+
+    @staticmethod
+    def _place(img: np.ndarray, msk: np.ndarray, size: Sequence[int], center) -> tuple[np.ndarray, np.ndarray]:
         shift = center_shift(img.shape, size, center)
         return place(img, size, shift, fill=float(img.min())), place(msk, size, shift, fill=0)
 
@@ -63,6 +72,13 @@ class SliceDataset(Dataset):
     so that the network also sees the heart off-centre and more of the surrounding anatomy; augment: a
     callable ``(image, mask) -> (image, mask)`` on numpy slices, e.g.
     :class:`~seg_densenet.data.transforms.WorkerSeededAugment`.
+
+    foreground_fraction: ``None`` centres crops on the volume's labels (plus jitter) as above. A value
+    in [0, 1] samples patches over the whole field of view instead, as nnU-Net does: with that
+    probability the crop is centred on a random labelled pixel of the slice, otherwise on a uniformly
+    random pixel, so the network also learns what liver, bowel and chest wall look like.
+    augment_margin: the crop is taken this many pixels larger on every side, augmented, then
+    centre-cropped to ``crop_size``, so rotations and zooms bring in real anatomy instead of fill.
     """
 
     def __init__(
@@ -71,26 +87,57 @@ class SliceDataset(Dataset):
         crop_size: Sequence[int] | None = None,
         augment: Callable | None = None,
         crop_jitter: int = 0,
+        foreground_fraction: float | None = None,
+        augment_margin: int = 0,
     ):
         self.store = _CachedArrays(entries)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.augment = augment
         if crop_jitter < 0:
             raise ValueError(f"crop_jitter must be >= 0, got {crop_jitter}")
+        if foreground_fraction is not None and not 0 <= foreground_fraction <= 1:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        if augment_margin < 0:
+            raise ValueError(f"augment_margin must be >= 0, got {augment_margin}")
         self.crop_jitter = int(crop_jitter)
+        self.foreground_fraction = foreground_fraction
+        self.augment_margin = int(augment_margin) if self.crop_size is not None else 0
         self.index = [(i, z) for i, e in enumerate(self.store.entries) for z in range(e.n_slices)]
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _patch_center(self, i: int, z: int) -> tuple[float, float]:
+        """A random labelled pixel of slice ``z`` (probability ``foreground_fraction``), else any pixel."""
+        _, mask = self.store.arrays(i)
+        height, width = mask.shape[1:]
+        if float(torch.rand(())) < self.foreground_fraction:
+            ys, xs = np.nonzero(np.asarray(mask[z]))
+            if len(ys):
+                j = int(torch.randint(len(ys), ()))
+                return float(ys[j]), float(xs[j])
+            center = self.store.entries[i].label_center
+            if center is not None:
+                return float(center[0]), float(center[1])
+        return float(torch.randint(height, ())), float(torch.randint(width, ()))
+
     def __getitem__(self, k: int) -> dict:
         i, z = self.index[k]
-        offset = (0, 0)
-        if self.crop_jitter:
-            offset = tuple(torch.randint(-self.crop_jitter, self.crop_jitter + 1, (2,)).tolist())
-        image, mask = self.store.crop(i, z, self.crop_size, offset)
+        window = self.crop_size
+        if window is not None and self.augment_margin:
+            window = tuple(n + 2 * self.augment_margin for n in window)
+        if self.foreground_fraction is None:
+            offset = (0, 0)
+            if self.crop_jitter:
+                offset = tuple(torch.randint(-self.crop_jitter, self.crop_jitter + 1, (2,)).tolist())
+            image, mask = self.store.crop(i, z, window, offset)
+        else:
+            image, mask = self.store.crop_at(i, z, window, self._patch_center(i, z))
         if self.augment is not None:
             image, mask = self.augment(image, mask)
+        if window != self.crop_size:
+            shift = center_shift(image.shape, self.crop_size)
+            image, mask = place(image, self.crop_size, shift), place(mask, self.crop_size, shift)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
             "mask": torch.from_numpy(np.asarray(mask, dtype=np.int64)),

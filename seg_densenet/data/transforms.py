@@ -39,22 +39,39 @@ def augment_slice(augment: Callable, image: np.ndarray, mask: np.ndarray) -> tup
     return (out["image"] * scale + low).astype(np.float32), out["mask"]
 
 
+def seed_independently(transform, seed: int) -> None:
+    """Seed ``transform`` and, recursively, every transform inside it with a stream of its own.
+
+    albumentations' ``Compose.set_random_seed`` hands the *same* seed to each of its transforms, so
+    transforms with equal ``p`` fire together (HorizontalFlip and VerticalFlip at p=0.5 give both
+    flips or neither: a 180° rotation, never a reflection). Each child here gets its own seed spawned
+    from ``seed`` (``numpy.random.SeedSequence``), so their draws are independent and reproducible.
+    """
+    transform.set_random_seed(seed)
+    children = getattr(transform, "transforms", None)
+    if children:
+        for child, child_seed in zip(children, np.random.SeedSequence(seed).spawn(len(children))):
+            seed_independently(child, int(child_seed.generate_state(1)[0]))
+
+
 class WorkerSeededAugment:
     """Wrap an albumentations pipeline so that each process draws its own, reproducible randomness.
 
     A pipeline seeded from OS entropy (or not at all) is copied into every DataLoader worker with
-    the same random state, so all workers would apply the same transforms. On first use in a process
-    the pipeline is reseeded from ``torch.initial_seed()``, which PyTorch makes distinct per worker and
-    which ``seed_everything`` makes reproducible.
+    the same random state, so all workers would apply the same transforms. Whenever the process or
+    its torch seed changes (a new worker, a new epoch's workers), the pipeline is reseeded from
+    ``torch.initial_seed()``, which PyTorch makes distinct per worker and which ``seed_everything``
+    makes reproducible; every transform gets an independent stream (:func:`seed_independently`).
     """
 
     def __init__(self, augment: Callable):
         self.augment = augment
-        self._pid: int | None = None
+        self._seeded_for: tuple[int, int] | None = None
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
+        key = (os.getpid(), torch.initial_seed())
+        if self._seeded_for != key:
+            self._seeded_for = key
             if hasattr(self.augment, "set_random_seed"):
-                self.augment.set_random_seed(torch.initial_seed() % 2**32)
+                seed_independently(self.augment, torch.initial_seed() % 2**32)
         return augment_slice(self.augment, image, mask)
