@@ -112,6 +112,52 @@ def test_crop_jitter_moves_crops_reproducibly_and_keeps_image_and_mask_aligned(t
         make_dm(root, tmp_path / "cache", crop_jitter=-1)
 
 
+def test_patches_over_the_field_of_view_with_foreground_oversampling(tmp_path):
+    # a small heart in a corner of a large field of view: uniform patches often miss it, foreground
+    # patches always hold it, and every patch is a window of its slice (image and mask cut alike)
+    root = write_dataset(tmp_path / "data", 5, shape=(96, 96, 3), spacing=SPACING, center=(24, 24))
+    always = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), foreground_fraction=1.0)
+    never = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), foreground_fraction=0.0)
+    always.setup(), never.setup()
+
+    def items(dm, seed):
+        torch.manual_seed(seed)
+        data = dm.train_dataset()
+        slices = [k for k, (i, z) in enumerate(data.index) if np.any(np.asarray(data.store.arrays(i)[1][z]))]
+        return [data[k] for k in slices[:12]]
+
+    assert all(item["mask"].any() for item in items(always, 0))
+    uniform = items(never, 0)
+    assert sum(not item["mask"].any() for item in uniform) >= 3
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(uniform, items(never, 0)))
+    data = never.train_dataset()
+    for k, item in enumerate(uniform[:4]):
+        i, z = data.index[k]
+        image, mask = (np.asarray(a[z]) for a in data.store.entries[i].load())
+        hits = [(y, x) for y in range(65) for x in range(65)
+                if np.array_equal(image[y:y + 32, x:x + 32], item["image"][0].numpy())]
+        assert hits and any(np.array_equal(mask[y:y + 32, x:x + 32], item["mask"].numpy()) for y, x in hits)
+    with pytest.raises(ConfigError, match="foreground_fraction"):
+        make_dm(root, tmp_path / "cache", foreground_fraction=1.5)
+
+
+def test_augment_margin_augments_a_larger_window_then_crops_it(tmp_path):
+    root = write_dataset(tmp_path / "data", 5, shape=(56, 64, 3), spacing=SPACING, center=(28, 32))
+    plain = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32))
+    margin = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), augment_margin=8)
+    plain.setup(), margin.setup()
+    seen = []
+    margin.augmentation = lambda image, mask: {"image": image, "mask": mask} if seen.append(image.shape) is None else None
+    with_margin, without = margin.train_dataset(), plain.train_dataset()
+    for k in range(4):  # an identity augmentation: the margin is cut off again, the crop is unchanged
+        a, b = with_margin[k], without[k]
+        assert a["image"].shape == (1, 32, 32) and torch.equal(a["mask"], b["mask"])
+        assert torch.allclose(a["image"], b["image"], atol=1e-5)  # augment_slice's [0, 1] round trip
+    assert seen and all(shape == (48, 48) for shape in seen)  # the augmentation saw the 8-pixel margin
+    with pytest.raises(ConfigError, match="augment_margin"):
+        make_dm(root, tmp_path / "cache", augment_margin=-1)
+
+
 def test_second_setup_uses_the_cache(dataset, tmp_path):
     first = make_dm(dataset, tmp_path / "cache")
     first.setup()
