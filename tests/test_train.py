@@ -167,6 +167,25 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
         assert (run / stage / "csv" / "metrics.csv").is_file()
     assert (run / ".hydra" / "config.yaml").is_file()
     assert "final summary" in result.stdout and "best checkpoint" in result.stdout
+    # validation Dice against wall-clock minutes, from the run's own metrics.csv
+    curve = tmp_path / "curve.png"
+    result = run_cli(["-m", "seg_densenet.training_curve", str(run / "stage2_segment"), "--out", str(curve)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = curve.with_suffix(".md").read_text()
+    assert curve.stat().st_size > 1000 and "best val Dice by 10 min" in table and "| stage2_segment | 0." in table
+    result = run_cli(["-m", "seg_densenet.training_curve", str(tmp_path), "--out", str(curve)])
+    assert result.returncode == 2 and "no metrics file" in result.stderr
+
+
+def test_acdc_recipe_trains_on_tiny_data(compose_cfg, tmp_path, synthetic_root):
+    # the recipe's own settings (patches anywhere, augmentation margin, strong augmentation), shrunk
+    cfg = compose_cfg(["experiment=acdc_recipe_cpu", f"data.root={synthetic_root}", "data.synthetic=null",
+                       f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "data.crop_size=[48,48]",
+                       "data.augment_margin=8", "debug=fast_dev_run"])
+    assert cfg.data.foreground_fraction and cfg.data.target_spacing is None
+    assert any("VerticalFlip" in t["_target_"] for t in cfg.data.augmentation.transforms)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
 @pytest.mark.slow
