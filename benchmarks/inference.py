@@ -202,7 +202,7 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
             net = build(name, device)  # same seed: both variants hold the same weights
             if variant == "channels_last":
                 net = net.to(memory_format=torch.channels_last)
-            predictor = Predictor(net, preprocessor, device=str(device), batch_size=n_slices, tta=False)
+            predictor = Predictor(net, preprocessor, device=str(device), batch_size=n_slices)
             calls[f"{name} {variant}"] = lambda p=predictor: p.predict(volume)
     settings = {c: {"volume_shape": list(plan.volume_shape), "tta": False} for c in calls}
     results = summaries(

@@ -6,6 +6,12 @@ and earlier predictions are skipped). The output mirrors the input's tree; each 
 preprocessing (intensity normalisation, in-plane resampling) is applied and undone; slices are
 predicted ``batch_size`` at a time, and the inverse mapping runs on the same slice chunks, so memory
 stays bounded by the chunk, not the volume. Every file is written atomically.
+
+Volumes stored with the slice axis first or second are predicted with it moved last (see
+:func:`slice_axis`) and the outputs moved back. Test-time augmentation (``tta``) averages the softmax
+over only those in-plane symmetries of the square that the checkpoint's training augmentation
+produced (see :func:`tta_transforms`): a network never trained on flipped hearts is not asked to
+segment one.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import hydra
@@ -37,6 +45,120 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # ground truth, our own outputs, and the 4D cine files of the original ACDC release
 SKIP_MARKERS = ("_gt", "_pred", "_uncertainty", "_probs", "_4d")
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+SLICE_SPACING_RATIO = 1.5
+"""How much larger (x) than both in-plane spacings a voxel axis's spacing must be to count as the slice axis."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dihedral:
+    """A symmetry of the square acting on slices ``(..., H, W)``: an optional transpose (swap H and W),
+    then ``k`` quarter turns counterclockwise as displayed (``torch.rot90``'s sense, and albumentations'
+    sense of a positive angle). The eight of them are the dihedral group D4."""
+
+    k: int = 0
+    transpose: bool = False
+
+    @property
+    def name(self) -> str:
+        return _DIHEDRAL_NAMES[self]
+
+    def __matmul__(self, other: Dihedral) -> Dihedral:
+        """``self`` applied after ``other`` (T R^k T = R^-k)."""
+        turns = self.k - other.k if self.transpose else self.k + other.k
+        return Dihedral(turns % 4, self.transpose != other.transpose)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The transform of ``(..., H, W)``; a quarter turn or a transpose gives ``(..., W, H)``."""
+        if self.transpose:
+            x = x.transpose(-2, -1)
+        return torch.rot90(x, self.k, dims=(-2, -1)) if self.k else x
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`apply`: ``invert(apply(x)) == x`` exactly."""
+        x = torch.rot90(x, -self.k, dims=(-2, -1)) if self.k else x
+        return x.transpose(-2, -1) if self.transpose else x
+
+
+IDENTITY, ROT90, ROT180, ROT270 = (Dihedral(k) for k in range(4))
+TRANSPOSE, VFLIP, ANTITRANSPOSE, HFLIP = (Dihedral(k, True) for k in range(4))
+_DIHEDRAL_NAMES = {
+    IDENTITY: "identity", HFLIP: "hflip", VFLIP: "vflip", ROT180: "rot180",
+    ROT90: "rot90", ROT270: "rot270", TRANSPOSE: "transpose", ANTITRANSPOSE: "antitranspose",
+}
+D4 = tuple(_DIHEDRAL_NAMES)  # in this order: tta=true uses the first four, shapes kept
+FLIPS = D4[:4]
+# albumentations transforms whose output covers in-plane symmetries, and containers that pick one child
+_SYMMETRY_TRANSFORMS = {
+    "HorizontalFlip": {HFLIP}, "VerticalFlip": {VFLIP}, "Transpose": {TRANSPOSE},
+    "RandomRotate90": {ROT90, ROT180, ROT270}, "D4": set(D4), "SquareSymmetry": set(D4),
+}
+# rotation transforms: (argument, its default range in degrees, whether a single number x means (-x, x))
+_ROTATIONS = {
+    "Affine": ("rotate", (0.0, 0.0), False), "Rotate": ("limit", (-90.0, 90.0), True),
+    "SafeRotate": ("limit", (-90.0, 90.0), True), "ShiftScaleRotate": ("rotate_limit", (-45.0, 45.0), True),
+}
+_ONE_OF = ("OneOf", "OneOrOther")
+
+
+def tta_transforms(augmentation: Mapping | None) -> list[Dihedral]:
+    """The in-plane symmetries (of :data:`D4`, in its order, identity first) that a training augmentation
+    can produce: a checkpoint's ``record["data"]["augmentation"]``, the albumentations ``Compose`` config
+    as a plain dict (``_target_``, ``transforms``, ``p``), or ``None``.
+
+    A flip or transpose counts when its transform is listed with ``p > 0``; a quarter turn when a
+    rotation range (``Affine.rotate``, ``Rotate.limit``, ``ShiftScaleRotate.rotate_limit``) reaches its
+    angle, or ``RandomRotate90`` / ``D4`` is listed. Each listed transform runs at most once, so a
+    composition counts only when its parts come from different transforms in the list (horizontal and
+    vertical flip give the 180° turn; a ±90° range alone does not).
+    """
+    reachable = _reachable(augmentation)
+    return [g for g in D4 if g in reachable]
+
+
+def _reachable(entry) -> set[Dihedral]:
+    if not isinstance(entry, Mapping) or float(entry.get("p", 1.0)) <= 0:
+        return {IDENTITY}
+    name = str(entry.get("_target_", "")).rsplit(".", 1)[-1]
+    if "transforms" in entry:
+        children = [_reachable(child) for child in entry["transforms"] or []]
+        if name in _ONE_OF or (name == "SomeOf" and entry.get("n", 1) == 1):
+            return set().union({IDENTITY}, *children)
+        reachable = {IDENTITY}
+        for child in children:  # the pipeline's order: a later transform acts after the earlier ones
+            reachable = {g @ h for g in child for h in reachable}
+        return reachable
+    if name in _ROTATIONS:
+        key, default, symmetric = _ROTATIONS[name]
+        value = entry.get(key, default)
+        if isinstance(value, (int, float)):  # albumentations: (-x, x) for the limits, exactly x for Affine
+            value = (-abs(value), abs(value)) if symmetric else (value, value)
+        low, high = (float(v) for v in value)
+        return {IDENTITY} | {Dihedral(k) for k in (1, 2, 3) if _range_reaches(low, high, 90.0 * k)}
+    return {IDENTITY} | _SYMMETRY_TRANSFORMS.get(name, set())
+
+
+def _range_reaches(low: float, high: float, angle: float) -> bool:
+    """Whether ``[low, high]`` degrees holds an angle equal to ``angle`` modulo 360."""
+    return math.ceil((low - angle) / 360.0) <= math.floor((high - angle) / 360.0)
+
+
+def select_tta(tta: bool | str, augmentation: Mapping | None) -> list[Dihedral]:
+    """The TTA transforms for ``tta`` (false | true | d4) and a checkpoint's training augmentation:
+    false: the identity; true: those of identity, hflip, vflip, rot180 the training covered (slice
+    shapes kept, at most 4 passes); d4: every symmetry it covered, quarter turns and transposes too."""
+    tta = _tta_mode(tta)
+    if tta is False:
+        return [IDENTITY]
+    covered = tta_transforms(augmentation)
+    chosen = covered if tta == "d4" else [g for g in covered if g in FLIPS]
+    if covered == [IDENTITY]:
+        log.info("tta: checkpoint trained with no in-plane flips or rotations; tta=%s is a single pass",
+                 str(tta).lower())
+        return chosen
+    left_out = [g.name for g in covered if g not in chosen]
+    log.info("tta: %d pass(es) over the training augmentation's symmetries: %s%s", len(chosen),
+             ", ".join(g.name for g in chosen), f"; tta=d4 adds {', '.join(left_out)}" if left_out else "")
+    return chosen
 
 
 def nifti_stem(path: Path) -> str:
@@ -74,15 +196,18 @@ def preprocessor_from_record(data_cfg: dict) -> Preprocessor:
 class Predictor:
     """A trained network with its preprocessing; predicts label maps of whole volumes.
 
-    keep_probs: also return the class probabilities on the input grid. tta: average softmax over the identity and the two in-plane flips. mc_samples: number of MC-dropout
-    passes (0: dropout off); their mean is the prediction and its entropy the uncertainty.
+    keep_probs: also return the class probabilities on the input grid. tta_transforms: the in-plane
+    symmetries whose softmax is averaged (each applied to the slices, and inverted on the
+    probabilities); :func:`select_tta` picks them from a checkpoint's training augmentation.
+    mc_samples: number of MC-dropout passes (0: dropout off); their mean is the prediction and its
+    entropy the uncertainty.
     channels_last: run the network in channels-last layout (NHWC), 1.2-1.3x the slices/s of NCHW for
     every model on the benchmark CPU (docs/benchmarks.md, fast paths).
     """
 
     def __init__(self, model: torch.nn.Module, preprocessor: Preprocessor, *, device: str = "cpu",
-                 precision: str = "32", batch_size: int = 16, tta: bool = False, mc_samples: int = 0,
-                 postprocess: str | None = None, num_classes: int = 4, keep_probs: bool = False,
+                 precision: str = "32", batch_size: int = 16, tta_transforms: Sequence[Dihedral] = (IDENTITY,),
+                 mc_samples: int = 0, postprocess: str | None = None, num_classes: int = 4, keep_probs: bool = False,
                  memory_budget_mb: float | None = None, channels_last: bool = True):
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"precision={precision}: valid values are {', '.join(PRECISIONS)}")
@@ -96,7 +221,7 @@ class Predictor:
         self.preprocessor = preprocessor
         self.autocast_dtype = PRECISIONS[str(precision)]
         self.batch_size = batch_size
-        self.tta = tta
+        self.tta_transforms = tuple(tta_transforms) or (IDENTITY,)
         self.mc_samples = int(mc_samples)
         self.postprocess = postprocess if postprocess != "none" else None
         self.num_classes = num_classes
@@ -112,24 +237,38 @@ class Predictor:
     def _probabilities(self, slices: torch.Tensor) -> torch.Tensor:
         """Softmax ``(B, C, H, W)`` float32 of slices ``(B, 1, H, W)``, averaged over TTA and MC passes."""
         passes = max(self.mc_samples, 1)
-        flips = [(), (-1,), (-2,)] if self.tta else [()]
-        slices = slices.contiguous(memory_format=self.memory_format)
         total = None
         for _ in range(passes):
-            for dims in flips:
-                x = slices.flip(dims).contiguous(memory_format=self.memory_format) if dims else slices
+            for transform in self.tta_transforms:
+                x = transform.apply(slices).contiguous(memory_format=self.memory_format)
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                     logits = self.model(x)
-                probs = logits.float().softmax(1)
-                probs = probs.flip(dims) if dims else probs
+                probs = transform.invert(logits.float().softmax(1))
                 total = probs if total is None else total + probs
-        return total / (passes * len(flips))
+        return total / (passes * len(self.tta_transforms))
 
     def predict(self, volume: Volume, progress: Progress | None = None, task=None) -> dict[str, np.ndarray]:
         """``{"labels": (X, Y, Z) uint8, "probs": (C, X, Y, Z) float32 (if kept), "entropy": (X, Y, Z)}``.
 
-        Works chunk by chunk over slices: resampling is in-plane only, so each chunk inverts exactly.
+        The arrays have the input's axis order whichever axis holds the slices (:func:`slice_axis`): a
+        volume stored slices-first is predicted with the slice axis moved last, and moved back.
         """
+        axis = slice_axis(volume)
+        if axis == 2:
+            return self._predict_slices_last(volume, progress, task)
+        order = (*(a for a in range(3) if a != axis), axis)
+        log.info("%s: slices along voxel axis %d (shape %s, spacing %s mm); predicted with that axis last",
+                 volume.path or "volume", axis, volume.shape, tuple(round(s, 3) for s in volume.spacing))
+        result = self._predict_slices_last(permute_axes(volume, order), progress, task)
+        back = tuple(int(a) for a in np.argsort(order))
+        return {
+            key: np.ascontiguousarray(value.transpose(back if value.ndim == 3 else (0, *(a + 1 for a in back))))
+            for key, value in result.items()
+        }
+
+    def _predict_slices_last(self, volume: Volume, progress: Progress | None, task) -> dict[str, np.ndarray]:
+        """:meth:`predict` of a volume ``(X, Y, Z)`` with Z the slices; works chunk by chunk over
+        slices: resampling is in-plane only, so each chunk inverts exactly."""
         image, meta = self.preprocessor.forward(volume)
         n_slices = image.shape[0]
         X, Y, _ = meta.original_shape
@@ -221,6 +360,39 @@ def _proc_status_kb(field: str) -> int:
     return 0
 
 
+def slice_axis(volume: Volume) -> int:
+    """The voxel axis (0, 1 or 2) that runs through the slices of a short-axis stack.
+
+    The axis of the largest header spacing if it is at least :data:`SLICE_SPACING_RATIO` times both
+    others (slice gaps of 5-10 mm against 1-2 mm pixels); else the axis with at most half the voxels
+    of both others (headers of redistributed data may say 1 mm everywhere); else 2, the ``(X, Y, Z)``
+    convention.
+    """
+    spacing = np.asarray(volume.spacing, dtype=np.float64)
+    axis = int(np.argmax(spacing))
+    if spacing[axis] >= SLICE_SPACING_RATIO * np.delete(spacing, axis).max():
+        return axis
+    shape = np.asarray(volume.shape[:3])
+    axis = int(np.argmin(shape))
+    if 2 * shape[axis] <= np.delete(shape, axis).min():
+        return axis
+    return 2
+
+
+def permute_axes(volume: Volume, order: Sequence[int]) -> Volume:
+    """``volume`` with voxel axes reordered (new axis ``i`` = old axis ``order[i]``) in the same world
+    geometry: the data transposed (a view), the affine's columns and the header's shape and zooms
+    permuted alike."""
+    order = [int(a) for a in order]
+    data = volume.data.transpose(order)
+    affine = np.array(volume.affine, dtype=np.float64)
+    affine[:, :3] = affine[:, order]
+    header = volume.header.copy()
+    header.set_data_shape(data.shape)
+    header.set_zooms(tuple(volume.spacing[a] for a in order))
+    return dataclasses.replace(volume, data=data, affine=affine, header=header)
+
+
 def _chunk_meta(meta: GridMeta, n: int) -> GridMeta:
     return dataclasses.replace(
         meta, original_shape=(*meta.original_shape[:2], n), resampled_shape=(*meta.resampled_shape[:2], n)
@@ -243,21 +415,36 @@ def largest_connected_components(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_predictor(ckpt: str | Path, *, device: str = "auto", **options) -> tuple[Predictor, dict]:
+def build_predictor(ckpt: str | Path, *, device: str = "auto", tta: bool | str = False,
+                    **options) -> tuple[Predictor, dict]:
     """The :class:`Predictor` of a segmentation checkpoint (its network and training preprocessing)
-    with ``options`` (see :class:`Predictor`); returns ``(predictor, checkpoint record)``."""
+    with ``options`` (see :class:`Predictor`); returns ``(predictor, checkpoint record)``.
+
+    tta: false | true | d4 (see :func:`select_tta`), limited to what the checkpoint was trained with.
+    """
     model, record = load_model(ckpt)
     if record.get("task") != "segment":
         raise SegDenseNetError(f"{ckpt}: a {record.get('task')} checkpoint, not a segmentation model")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    data_cfg = record.get("data") or {}
     predictor = Predictor(
-        model, preprocessor_from_record(record.get("data", {})), device=device,
-        num_classes=len(record.get("class_names", [])) or 4, **options,
+        model, preprocessor_from_record(data_cfg), device=device,
+        num_classes=len(record.get("class_names", [])) or 4,
+        tta_transforms=select_tta(tta, data_cfg.get("augmentation")), **options,
     )
     return predictor, record
 
 
-def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta: bool = False,
+def _tta_mode(tta) -> bool | str:
+    """``tta`` as False, True or "d4"; the strings "true" and "false" count too (a quoted YAML value)."""
+    if isinstance(tta, str) and tta.lower() in ("true", "false", "d4"):
+        return {"true": True, "false": False}.get(tta.lower(), "d4")
+    if tta is None or isinstance(tta, bool):
+        return bool(tta)
+    raise ConfigError(f"tta={tta}: valid values are false, true, d4")
+
+
+def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta: bool | str = False,
                  postprocess: str | None = None, mc_samples: int = 0, save_probs: bool = False,
                  device: str = "auto", precision: str = "32", batch_size: int = 16,
                  memory_budget_mb: float | None = None, channels_last: bool = True) -> list[Path]:
@@ -279,7 +466,7 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
     with Progress(*columns) as progress:
         for src, target in zip(files, targets):
             volume = load_volume(src)
-            task = progress.add_task(f"{src.name}", total=volume.shape[2])
+            task = progress.add_task(f"{src.name}", total=volume.shape[slice_axis(volume)])
             result = predictor.predict(volume, progress, task)
             save_volume(target, result["labels"], volume, dtype=np.uint8)
             stem = nifti_stem(target)[: -len("_pred")]

@@ -45,7 +45,7 @@ def test_predict_acdc_tree_mirrors_input_and_keeps_geometry(trained_ckpt, synthe
 def test_predict_options_tta_lcc_mc_dropout_probs(trained_ckpt, synthetic_root, tmp_path):
     image = next(synthetic_root.glob("patient001/patient001_frame01.nii.gz"))
     out = tmp_path / "pred"
-    result = _predict([f"ckpt={trained_ckpt}", f"input={image}", f"output={out}", "tta=true", "postprocess=lcc",
+    result = _predict([f"ckpt={trained_ckpt}", f"input={image}", f"output={out}", "tta=d4", "postprocess=lcc",
                        "mc_samples=3", "save_probs=true", "device=cpu", "precision=bf16"])
     assert result.returncode == 0, result.stderr[-2000:]
     shape = nib.load(image).shape
@@ -109,7 +109,7 @@ def test_prediction_killed_midway_leaves_no_partial_mask(trained_ckpt, synthetic
     out = tmp_path / "pred"
     proc = subprocess.Popen(
         [sys.executable, "-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={synthetic_root}",
-         f"output={out}", "batch_size=1", "tta=true"],
+         f"output={out}", "batch_size=1", "mc_samples=3"],  # three passes per slice: slow enough to kill
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
@@ -198,3 +198,186 @@ def test_channels_last_predicts_what_nchw_predicts(trained_ckpt, tmp_path):
         results.append(predictor.predict(volume))
     np.testing.assert_allclose(results[0]["probs"], results[1]["probs"], atol=1e-5)
     np.testing.assert_array_equal(results[0]["labels"], results[1]["labels"])
+
+
+# test-time augmentation: only the in-plane symmetries the training augmentation produced
+
+def _compose(*transforms: dict) -> dict:
+    return {"_target_": "albumentations.Compose", "_convert_": "all", "transforms": list(transforms)}
+
+
+_AFFINE_15 = {"_target_": "albumentations.Affine", "rotate": [-15, 15], "scale": [0.9, 1.1], "p": 0.5}
+_HFLIP = {"_target_": "albumentations.HorizontalFlip", "p": 0.5}
+_VFLIP = {"_target_": "albumentations.VerticalFlip", "p": 0.5}
+
+
+@pytest.mark.parametrize("augmentation, expected", [
+    (None, ["identity"]),
+    (_compose(), ["identity"]),
+    (_compose(_AFFINE_15), ["identity"]),  # the no-flip default (conf/augmentation/cardiac.yaml)
+    (_compose(_AFFINE_15, _HFLIP, _VFLIP), ["identity", "hflip", "vflip", "rot180"]),
+    (_compose(_HFLIP), ["identity", "hflip"]),
+    (_compose(_HFLIP, {**_VFLIP, "p": 0.0}), ["identity", "hflip"]),
+    (_compose({"_target_": "albumentations.Affine", "rotate": [-180, 180]}), ["identity", "rot180", "rot90", "rot270"]),
+    (_compose({"_target_": "albumentations.Affine", "rotate": [-90, 90]}), ["identity", "rot90", "rot270"]),
+    (_compose({"_target_": "albumentations.Affine", "rotate": [0, 100]}), ["identity", "rot90"]),  # +90 is rot90's sense
+    (_compose({"_target_": "albumentations.Rotate", "limit": 180}), ["identity", "rot180", "rot90", "rot270"]),
+    (_compose({"_target_": "albumentations.ShiftScaleRotate"}), ["identity"]),  # default ±45°
+    (_compose({"_target_": "albumentations.Affine", "rotate": [-180, 180]}, _HFLIP), [
+        "identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"]),
+    (_compose({"_target_": "albumentations.RandomRotate90"}, _HFLIP), [
+        "identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"]),
+    (_compose({"_target_": "albumentations.Transpose"}), ["identity", "transpose"]),
+    (_compose({"_target_": "albumentations.D4"}), [
+        "identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"]),
+    (_compose({"_target_": "albumentations.OneOf", "transforms": [_HFLIP, _VFLIP]}), ["identity", "hflip", "vflip"]),
+    ({**_compose(_HFLIP, _VFLIP), "p": 0.0}, ["identity"]),
+])
+def test_tta_transforms_are_those_the_training_augmentation_covers(augmentation, expected):
+    from seg_densenet.predict import tta_transforms
+
+    assert [g.name for g in tta_transforms(augmentation)] == expected
+
+
+def test_tta_transforms_of_the_shipped_augmentation_configs():
+    from omegaconf import OmegaConf
+
+    from seg_densenet.predict import tta_transforms
+
+    def names(option: str) -> list[str]:
+        cfg = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "augmentation" / f"{option}.yaml"))
+        return [g.name for g in tta_transforms(cfg)]
+
+    assert names("cardiac") == ["identity"]
+    assert names("cardiac_flips") == ["identity", "hflip", "vflip", "rot180"]
+
+
+def test_tta_modes_bound_the_passes_and_say_when_there_is_one(caplog):
+    from seg_densenet.errors import ConfigError
+    from seg_densenet.predict import select_tta
+
+    d4 = _compose({"_target_": "albumentations.Affine", "rotate": [-180, 180]}, _HFLIP, _VFLIP)
+    assert [g.name for g in select_tta(True, d4)] == ["identity", "hflip", "vflip", "rot180"]
+    assert len(select_tta("d4", d4)) == 8 and select_tta("true", d4) == select_tta(True, d4)
+    assert [g.name for g in select_tta(False, d4)] == ["identity"]
+    with caplog.at_level("INFO", logger="seg_densenet.predict"):
+        assert [g.name for g in select_tta(True, _compose(_AFFINE_15))] == ["identity"]
+    assert "no in-plane flips or rotations; tta=true is a single pass" in caplog.text
+    with pytest.raises(ConfigError, match="false, true, d4"):
+        select_tta("yes", d4)
+
+
+def test_every_tta_transform_inverts_exactly_and_composes_as_d4():
+    from seg_densenet.predict import D4, FLIPS, HFLIP, ROT180, VFLIP
+
+    x = torch.randn(2, 3, 5, 7)
+    for g in D4:
+        y = g.apply(x)
+        assert y.shape[-2:] == ((5, 7) if g in FLIPS else (7, 5))
+        assert torch.equal(g.invert(y), x), g.name
+        for h in D4:
+            assert torch.equal((g @ h).apply(x), g.apply(h.apply(x))), (g.name, h.name)
+    assert torch.equal(HFLIP.apply(x), x.flip(-1)) and torch.equal(VFLIP.apply(x), x.flip(-2))
+    assert torch.equal(ROT180.apply(x), x.flip(-2, -1))
+
+
+class _SymmetricNet(torch.nn.Module):
+    """Two 3x3 convolutions with D4-symmetric kernels: exactly equivariant to every in-plane symmetry
+    (up to float summation order), so TTA must not change its labels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            for conv in (self.conv1, self.conv2):
+                w = conv.weight
+                w.copy_(sum(torch.rot90(v, k, (-2, -1)) for v in (w, w.transpose(-2, -1)) for k in range(4)) / 8)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def test_tta_leaves_an_equivariant_model_unchanged(tmp_path):
+    from seg_densenet.data.nifti import load_volume
+    from seg_densenet.data.preprocess import Preprocessor
+    from seg_densenet.predict import D4, Predictor
+
+    data = np.random.default_rng(2).normal(100, 20, size=(40, 52, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 8.0, 1.0])), tmp_path / "scan.nii.gz")
+    volume = load_volume(tmp_path / "scan.nii.gz")
+    plain = Predictor(_SymmetricNet(), Preprocessor(), keep_probs=True).predict(volume)
+    averaged = Predictor(_SymmetricNet(), Preprocessor(), keep_probs=True, tta_transforms=D4).predict(volume)
+    np.testing.assert_allclose(averaged["probs"], plain["probs"], atol=1e-5)
+    np.testing.assert_array_equal(averaged["labels"], plain["labels"])
+
+
+def test_tta_averages_the_transformed_predictions_of_a_trained_model(trained_ckpt, tmp_path):
+    """A TTA pass equals predicting the transformed volume and transforming the probabilities back, on
+    a non-square slice through the real DenseUNet (quarter turns swap H and W)."""
+    from seg_densenet.checkpoint import load_model
+    from seg_densenet.data.nifti import Volume
+    from seg_densenet.data.preprocess import Preprocessor
+    from seg_densenet.predict import D4, HFLIP, IDENTITY, ROT90, Predictor
+
+    data = np.random.default_rng(3).normal(100, 20, size=(36, 50, 2)).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    model, _ = load_model(trained_ckpt)
+    no_tta = Predictor(model, Preprocessor(), keep_probs=True)
+
+    def probs_of(array: np.ndarray, predictor: Predictor) -> np.ndarray:
+        return predictor.predict(Volume(array, affine, nib.Nifti1Image(array, affine).header))["probs"]
+
+    def on_slices(g, array, invert=False):  # (..., X, Y, Z) as slices (Z, ..., X, Y)
+        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 0)))
+        return np.ascontiguousarray(np.moveaxis((g.invert(t) if invert else g.apply(t)).numpy(), 0, -1))
+
+    for transforms in ([HFLIP], [ROT90], [IDENTITY, HFLIP, ROT90]):
+        expected = np.mean([on_slices(g, probs_of(on_slices(g, data), no_tta), invert=True) for g in transforms], 0)
+        got = probs_of(data, Predictor(model, Preprocessor(), keep_probs=True, tta_transforms=transforms))
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    full = probs_of(data, Predictor(model, Preprocessor(), keep_probs=True, tta_transforms=D4))
+    assert full.shape == (4, *data.shape)
+    np.testing.assert_allclose(full.sum(0), 1.0, atol=1e-5)
+
+
+def test_tta_of_a_no_flip_checkpoint_is_a_single_pass(trained_ckpt, caplog):
+    from seg_densenet.checkpoint import load_model
+    from seg_densenet.predict import IDENTITY, build_predictor
+
+    _, record = load_model(trained_ckpt)
+    assert not any("Flip" in t["_target_"] for t in record["data"]["augmentation"]["transforms"])
+    with caplog.at_level("INFO", logger="seg_densenet.predict"):
+        predictor, _ = build_predictor(trained_ckpt, device="cpu", tta=True)
+    assert predictor.tta_transforms == (IDENTITY,)
+    assert "tta=true is a single pass" in caplog.text
+
+
+def test_evaluate_passes_tta_to_prediction(monkeypatch, tmp_path):
+    """``evaluate ckpt=... +predict_options.tta=d4`` hands tta to predict_tree."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import seg_densenet.predict
+    from seg_densenet.config import CONFIG_DIR
+    from seg_densenet.evaluate import evaluate
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_predict_tree(ckpt, input, output, **options):
+        seen.update(options)
+        raise Stop  # before evaluating
+
+    monkeypatch.setattr(seg_densenet.predict, "predict_tree", fake_predict_tree)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"ckpt={tmp_path / 'x.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}", "+predict_options.tta=d4"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(Stop):
+        evaluate(cfg)
+    assert seen == {"tta": "d4"}
