@@ -14,6 +14,7 @@ the ED/ES pair, for ground truth and prediction, and their agreement. See
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from seg_densenet.data.nifti import Volume, check_label_values, load_volume
+from seg_densenet.data.splits import split_patients
 from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
 from seg_densenet.evaluation import report
 from seg_densenet.evaluation.cases import PHASES, FramePair, find_frames
@@ -117,26 +119,48 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.output is None:
         raise ConfigError("output: set output=DIR, the folder for the reports")
     output = Path(cfg.output).expanduser()
-    pred, gt = cfg.pred, cfg.gt
+    pred, gt, images = cfg.pred, cfg.gt, cfg.input
+    if cfg.get("split") is not None:
+        # the split's patients only (e.g. a training run's held-out fold), as a tree of links
+        source = images if cfg.ckpt is not None else gt
+        if source is None:
+            raise ConfigError("split: needs the case folders, input=DIR (with ckpt=) or gt=DIR")
+        cases = _link_cases(Path(source), split_patients(cfg.split, cfg.subset), output / f"{cfg.subset}_cases")
+        images, gt = (cases, gt if gt is not None else cases) if cfg.ckpt is not None else (images, cases)
     if cfg.ckpt is not None:
         if pred is not None:
             raise ConfigError(
                 "pred: give either pred=DIR (evaluate) or ckpt=FILE input=DIR (predict, then evaluate)"
             )
-        if cfg.input is None:
+        if images is None:
             raise ConfigError("input: ckpt=FILE needs input=DIR, the ACDC-layout images to segment")
         from seg_densenet.predict import predict_tree  # lazy: pulls in torch and the models
 
         pred = output / "predictions"
         options = OmegaConf.to_container(cfg.predict_options, resolve=True) or {}
-        predict_tree(cfg.ckpt, cfg.input, pred, **options)
-        gt = gt if gt is not None else cfg.input
+        predict_tree(cfg.ckpt, images, pred, **options)
+        gt = gt if gt is not None else images
     if pred is None:
         raise ConfigError("pred: set pred=DIR (predictions) or ckpt=FILE input=DIR (predict, then evaluate)")
     if gt is None:
         raise ConfigError("gt: set gt=DIR, the ACDC-layout ground truth (<case>/<stem>_gt.nii.gz)")
     labels = OmegaConf.to_container(cfg.labels, resolve=True)
     return evaluate_folders(pred, gt, output, labels, bool(cfg.allow_missing), bool(cfg.plots))
+
+
+def _link_cases(root: Path, patients: set[str], dest: Path) -> Path:
+    """``dest/<patient>`` links to ``root/<patient>`` for each patient (the folder made afresh)."""
+    missing = sorted(p for p in patients if not (root / p).is_dir())
+    if missing:
+        raise DataError(f"{root}: no case folder for the split's patient(s) {', '.join(missing[:5])}")
+    if dest.is_dir():
+        if any(not p.is_symlink() for p in dest.iterdir()):
+            raise DataError(f"{dest}: exists and holds more than case links; choose another output=")
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for patient in sorted(patients):
+        (dest / patient).symlink_to((root / patient).resolve(), target_is_directory=True)
+    return dest
 
 
 class _UserError(BaseException):

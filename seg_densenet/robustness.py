@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from seg_densenet.data.nifti import Volume, check_label_values, load_volume
 from seg_densenet.data.preprocess import _resample
-from seg_densenet.data.splits import load_split
+from seg_densenet.data.splits import split_patients
 from seg_densenet.errors import ConfigError, DataError
 from seg_densenet.evaluation import report
 from seg_densenet.evaluation.cases import FramePair, find_labelled, phase_frames, phase_of
@@ -218,7 +218,7 @@ def find_cases(
             raise DataError(f"{gt_path}: its image {image.name} is not beside it")
         frames.append(FramePair(folder.name, stem, phase_of(stem, phases[folder]), gt_path, None, image))
     if split is not None:
-        chosen = _split_patients(split, subset)
+        chosen = split_patients(split, subset)
         missing = sorted(chosen - {f.case for f in frames})
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -233,16 +233,6 @@ def find_cases(
         keep = sorted({f.case for f in frames})[: int(patients)]
         frames = [f for f in frames if f.case in keep]
     return sorted(frames, key=lambda f: (f.case, f.stem))
-
-
-def _split_patients(split: str | Path, subset: str) -> set[str]:
-    content = load_split(Path(split).expanduser())
-    lists = [k for k, v in content.items() if isinstance(v, list)]
-    if subset not in lists:
-        raise ConfigError(f"subset={subset}: {split} has the patient lists {', '.join(lists)}")
-    if not content[subset]:
-        raise DataError(f"{split}: the {subset} list is empty")
-    return {str(name) for name in content[subset]}
 
 
 def robustness_report(

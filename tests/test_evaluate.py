@@ -186,6 +186,21 @@ def test_cli_ground_truth_against_itself_is_perfect(tmp_path: Path) -> None:
     assert not list(out.glob("*.png"))
 
 
+def test_cli_split_evaluates_only_that_list_of_patients(tmp_path: Path) -> None:
+    gt_root, pred_root = _make_tree(tmp_path, perturb=False)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["patient001"], "val": [], "test": ["A1D0Q7"]}))
+    out = tmp_path / "out"
+    result = _run(tmp_path, f"pred={pred_root}", f"gt={gt_root}", f"output={out}", "plots=false", f"split={split}")
+    assert result.returncode == 0, result.stderr
+    _, rows = _read_csv(out / "metrics.csv")
+    assert {row["case"] for row in rows} == {"A1D0Q7"}
+    assert (out / "test_cases" / "A1D0Q7").is_symlink() and gt_root.joinpath("patient001").is_dir()
+    result = _run(tmp_path, f"pred={pred_root}", f"gt={gt_root}", f"output={out}", f"split={split}", "subset=val")
+    assert result.returncode == 2 and "the val list is empty" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_cli_shape_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
     gt_root, pred_root = _make_tree(tmp_path, perturb=False)

@@ -355,7 +355,7 @@ def test_tta_of_a_no_flip_checkpoint_is_a_single_pass(trained_ckpt, caplog):
 
 
 def test_evaluate_passes_tta_to_prediction(monkeypatch, tmp_path):
-    """``evaluate ckpt=... +predict_options.tta=d4`` hands tta to predict_tree."""
+    """``evaluate ckpt=... predict_options.tta=d4`` hands tta to predict_tree."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -376,8 +376,8 @@ def test_evaluate_passes_tta_to_prediction(monkeypatch, tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=[
-            f"ckpt={tmp_path / 'x.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}", "+predict_options.tta=d4"])
+            f"ckpt={tmp_path / 'x.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}", "predict_options.tta=d4"])
     GlobalHydra.instance().clear()
     with pytest.raises(Stop):
         evaluate(cfg)
-    assert seen == {"tta": "d4"}
+    assert seen["tta"] == "d4"

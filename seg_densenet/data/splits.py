@@ -87,3 +87,14 @@ def load_split(path: str | Path) -> dict:
     if not all(k in split for k in ("train", "val", "test")):
         raise DataError(f"{path}: split file lacks one of the keys train/val/test")
     return split
+
+
+def split_patients(path: str | Path, subset: str) -> set[str]:
+    """The patient names of list ``subset`` (``train``, ``val`` or ``test``) of a saved split."""
+    content = load_split(Path(path).expanduser())
+    lists = [k for k, v in content.items() if isinstance(v, list)]
+    if subset not in lists:
+        raise ConfigError(f"subset={subset}: {path} has the patient lists {', '.join(lists)}")
+    if not content[subset]:
+        raise DataError(f"{path}: the {subset} list is empty")
+    return {str(name) for name in content[subset]}
