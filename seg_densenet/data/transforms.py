@@ -5,10 +5,10 @@ The pipeline is an ``albumentations.Compose`` built by Hydra from the data confi
 ``ElasticTransform``, slower), brightness/contrast, gamma, Gaussian noise and blur. Geometric transforms move image and
 mask together; masks always use nearest interpolation, so no label value is invented.
 
-Flips are off by default. A short-axis slice has a handedness: the RV lies on one side of the LV in
-every scan acquired the usual way, and a flip puts it on the other side, teaching the network
-anatomy that does not occur. Turn them on (``conf/augmentation/cardiac_flips.yaml``) only for data
-whose orientation is not normalised.
+Flips are off in ``conf/augmentation/cardiac.yaml`` (the phantom's): on data whose orientation is
+normalised the RV lies on one side of the LV, and a flip teaches anatomy that does not occur there.
+Real scans from other scanners are stored in any orientation and handedness, so the real-data recipe
+(``conf/augmentation/cardiac_strong.yaml``) rotates by any angle and flips both ways.
 
 albumentations' intensity transforms assume images in [0, 1] (gamma of a negative z-score is NaN),
 so :func:`augment_slice` maps each slice to [0, 1] by its own min/max, augments, and maps back with
