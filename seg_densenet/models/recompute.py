@@ -203,11 +203,14 @@ def composite_chain(
     maps; ``stages`` holds ``(norm, relu, pool, conv)`` modules, ``pool`` None or stateless.
 
     The recomputing path runs only when gradients will be needed; without them nothing is stored
-    anyway and the plain path is cheaper.
+    anyway and the plain path is cheaper. Under autocast (bf16-mixed or 16-mixed training) the plain
+    path runs too: the recomputing backward calls the ATen kernels by hand with the forward's dtypes,
+    which autocast does not reach (its convolution backward failed on bf16 activations and fp32 weights).
     """
     params = [t for norm, _, _, conv in stages for t in (norm.weight, norm.bias, conv.weight, conv.bias)]
     needs_grad = any(t is not None and t.requires_grad for t in (*inputs, *params))
-    if memory_efficient and torch.is_grad_enabled() and needs_grad:
+    autocast = torch.is_autocast_enabled(inputs[0].device.type)
+    if memory_efficient and torch.is_grad_enabled() and needs_grad and not autocast:
         specs = tuple((norm, pool, conv) for norm, _, pool, conv in stages)
         return CompositeChainFunction.apply(specs, *params, *inputs)
     x = concat(inputs)
