@@ -209,8 +209,7 @@ def composite_chain(
     """
     params = [t for norm, _, _, conv in stages for t in (norm.weight, norm.bias, conv.weight, conv.bias)]
     needs_grad = any(t is not None and t.requires_grad for t in (*inputs, *params))
-    autocast = torch.is_autocast_enabled(inputs[0].device.type)
-    if memory_efficient and torch.is_grad_enabled() and needs_grad and not autocast:
+    if memory_efficient and torch.is_grad_enabled() and needs_grad and not _autocast_on(inputs[0].device):
         specs = tuple((norm, pool, conv) for norm, _, pool, conv in stages)
         return CompositeChainFunction.apply(specs, *params, *inputs)
     x = concat(inputs)
@@ -218,3 +217,11 @@ def composite_chain(
         x = relu(norm(x))
         x = conv(pool(x) if pool is not None else x)
     return x
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (never for devices autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
