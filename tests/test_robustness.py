@@ -186,7 +186,7 @@ def test_cli_writes_a_row_per_requested_shift_for_the_split_patients(trained_ckp
     assert len(cases) == len(rows) * 2 * 3  # shifts x frames (ED, ES) x structures
     markdown = (out / "robustness.md").read_text()
     assert str(trained_ckpt) in markdown and "1 patients, 2 frames" in markdown
-    assert "tta=false, postprocess=none" in markdown and "Worst shift: `" in markdown
+    assert "tta=d4, postprocess=lcc" in markdown and "Worst shift: `" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| `")]
     assert [line.split("`")[1] for line in table] == ["none", *shifts]
     assert all(line in result.stdout for line in table)  # the table is printed too
