@@ -126,7 +126,7 @@ class SliceDataset(Dataset):
         window = self.crop_size
         if window is not None and self.augment_margin:
             window = tuple(n + 2 * self.augment_margin for n in window)
-        if self.foreground_fraction is None:
+        if self.foreground_fraction is None or window is None:  # no crop: whole slices
             offset = (0, 0)
             if self.crop_jitter:
                 offset = tuple(torch.randint(-self.crop_jitter, self.crop_jitter + 1, (2,)).tolist())
