@@ -126,7 +126,10 @@ def evaluate(cfg: DictConfig) -> dict:
         if source is None:
             raise ConfigError("split: needs the case folders, input=DIR (with ckpt=) or gt=DIR")
         cases = _link_cases(Path(source), split_patients(cfg.split, cfg.subset), output / f"{cfg.subset}_cases")
-        images, gt = (cases, gt if gt is not None else cases) if cfg.ckpt is not None else (images, cases)
+        if cfg.ckpt is not None:
+            images = cases  # the ground truth defaults to the images below
+        else:
+            gt = cases
     if cfg.ckpt is not None:
         if pred is not None:
             raise ConfigError(
