@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.repo_root:} resolver)
 from seg_densenet.checkpoint import safe_torch_load
+from seg_densenet.config_checks import validate
 from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.classification import ClassificationModule
 from seg_densenet.lit.segmentation import SegmentationModule
@@ -41,6 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Writes ``summary.json`` at the run directory's root:
     ``{"task", "metrics", "best_checkpoint", "output_dir", "wall_time_s", "stages"}``.
     """
+    validate("config", cfg)  # also for multirun jobs and API callers, which check_overrides does not see
     start = time.time()
     run_dir = _run_dir(cfg)
     stages = list(cfg.task.stages)

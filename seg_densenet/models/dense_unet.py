@@ -204,6 +204,9 @@ class DenseUNet(nn.Module):
     """
 
     size_multiple = 32
+    min_size = 32
+    """The smallest H and W :meth:`forward` takes (the reflect padding needs the input at least as large
+    as what it adds); :class:`~seg_densenet.predict.Predictor` pads smaller images up to it."""
 
     def __init__(
         self,
@@ -248,9 +251,10 @@ class DenseUNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, H, W)`` -> logits ``(B, num_classes, H, W)``."""
-        if x.shape[-2] < 32 or x.shape[-1] < 32:
+        if x.shape[-2] < self.min_size or x.shape[-1] < self.min_size:
             raise ValueError(
-                f"DenseUNet needs H and W >= 32, got {tuple(x.shape[-2:])}; pad the image to 32x32"
+                f"DenseUNet needs H and W >= {self.min_size}, got {tuple(x.shape[-2:])}; "
+                f"pad the image to {self.min_size}x{self.min_size}"
             )
         return padded_forward(self._forward_padded, x, self.size_multiple)
 

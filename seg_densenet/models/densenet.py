@@ -263,6 +263,12 @@ class DenseNet(nn.Module):
             if isinstance(m, (_DenseLayer, _Transition)):
                 m.memory_efficient = bool(value)
 
+    @property
+    def min_size(self) -> int:
+        """The smallest H and W this network takes: its total stride (32 with the ImageNet stem and 4
+        blocks), where the last map is one pixel."""
+        return self.feature_strides[-1]
+
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """``(B, in_channels, H, W)`` -> maps ``(B, feature_channels[i], ~H / s_i, ~W / s_i)``, high to low
         resolution (see the class docstring for the tap points)."""

@@ -110,13 +110,18 @@ class FCDenseNet(nn.Module):
         init_weights(self)
         self.enable_mc_dropout(mc_dropout)
 
+    @property
+    def min_size(self) -> int:
+        """The smallest H and W :meth:`forward` takes: ``2**n_pool``, where the bottleneck is one pixel."""
+        return 2**self.n_pool
+
     def enable_mc_dropout(self, flag: bool = True) -> None:
         """Keep (``True``) or stop keeping (``False``) dropout active in eval mode."""
         set_mc_dropout(self, flag)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, H, W)`` -> logits ``(B, num_classes, H, W)``."""
-        min_size = 2**self.n_pool
+        min_size = self.min_size
         if x.shape[-2] < min_size or x.shape[-1] < min_size:
             raise ValueError(
                 f"FC-DenseNet needs H and W >= {min_size} (2**n_pool), got {tuple(x.shape[-2:])}; "

@@ -22,6 +22,11 @@ class PaddedUnet(smp.Unet):
     stride (32; smp itself rejects other sizes) and the logits cropped back, as :class:`DenseUNet` does.
     The state-dict keys are smp's own."""
 
+    @property
+    def min_size(self) -> int:
+        """The smallest H and W: the reflect padding needs the input at least as large as the stride."""
+        return self.encoder.output_stride
+
     def forward(self, x: Tensor) -> Tensor:
         return padded_forward(super().forward, x, self.encoder.output_stride)
 

@@ -50,8 +50,9 @@ def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
-    """Compose the config with the command line's overrides once before Hydra runs, so that a typo or
-    an unknown option is reported on one line (Hydra's own report spans several lines).
+    """Compose the config with the command line's overrides once before Hydra runs, so that a typo, an
+    unknown option or a bad value (:func:`seg_densenet.config_checks.validate`) is reported on one line
+    before anything is written (Hydra's own report spans several lines).
 
     Skipped for ``--help``, ``--cfg``, multiruns and anything else that is not a plain run.
     """
@@ -61,6 +62,7 @@ def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from seg_densenet.config import CONFIG_DIR
+    from seg_densenet.config_checks import validate
 
     argv = sys.argv[1:] if argv is None else argv
     if _full_error() or any(a.startswith("-") for a in argv):
@@ -72,6 +74,7 @@ def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
         missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
         if missing:
             fail(f"missing required setting(s): {', '.join(f'{k}=...' for k in missing)}")
+        run_cli(validate, config_name, cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         text = text.split(" Config search path")[0]  # Hydra's search-path dump says nothing about the error
