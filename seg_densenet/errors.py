@@ -23,3 +23,7 @@ class CheckpointError(SegDenseNetError):
 
 class ConfigError(SegDenseNetError):
     """A configuration value is invalid (unknown model name, missing setting, ...)."""
+
+
+class StorageError(SegDenseNetError):
+    """The machine cannot store an output: the disk is full, the folder is read-only or not ours."""

@@ -270,6 +270,7 @@ class Predictor:
         """:meth:`predict` of a volume ``(X, Y, Z)`` with Z the slices; works chunk by chunk over
         slices: resampling is in-plane only, so each chunk inverts exactly."""
         image, meta = self.preprocessor.forward(volume)
+        image, window = pad_to_min_size(image, getattr(self.model, "min_size", 1))
         n_slices = image.shape[0]
         X, Y, _ = meta.original_shape
         labels = np.zeros((X, Y, n_slices), dtype=np.uint8)
@@ -280,7 +281,7 @@ class Predictor:
             stop = min(start + batch_size, n_slices)
             chunk = torch.from_numpy(image[start:stop, None]).to(self.device)
             try:
-                probs = self._probabilities(chunk).cpu().numpy()
+                probs = self._probabilities(chunk).cpu().numpy()[(..., *window)]
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if "memory" not in str(err).lower():
                     raise
@@ -343,6 +344,22 @@ class Predictor:
         base = _proc_status_kb("VmRSS")
         self._probabilities(x)
         return max((_proc_status_kb("VmHWM") - base) * 1024, floor)
+
+
+def pad_to_min_size(image: np.ndarray, min_size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Centre-pad slices ``(S, H, W)`` to at least ``min_size`` on H and W with their minimum value.
+
+    The networks take H, W >= their ``min_size`` (32 for the DenseUNet); a smaller image (a 20x20
+    thumbnail, a single voxel) gets a background border instead of an error. Returns the padded slices
+    and the ``(h, w)`` slices that cut the original window back out of any ``(..., H', W')`` output.
+    """
+    pads = [max(0, min_size - n) for n in image.shape[1:]]
+    window = tuple(slice(p // 2, p // 2 + n) for p, n in zip(pads, image.shape[1:]))
+    if not any(pads):
+        return image, window
+    fill = float(image.min()) if image.size else 0.0
+    widths = ((0, 0), *((p // 2, p - p // 2) for p in pads))
+    return np.pad(image, widths, mode="constant", constant_values=fill), window
 
 
 def _release_free_heap() -> None:

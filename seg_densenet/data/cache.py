@@ -97,9 +97,9 @@ class VolumeCache:
         mask = self.preprocessor.forward_label(label_vol.data, meta).astype(np.uint8)
         record = {"meta": meta.to_dict(), "label_center": _label_center(mask), "n_slices": int(mask.shape[0])}
         for path, array in ((image_path, image), (mask_path, mask)):
-            with atomic_path(path) as tmp:
+            with atomic_path(path, option="data.cache_dir=") as tmp:
                 np.save(tmp, array)
-        atomic_write_text(meta_path, json.dumps(record))
+        atomic_write_text(meta_path, json.dumps(record), option="data.cache_dir=")
         return _entry_from_json(frame.name, image_path, mask_path, record)
 
 

@@ -34,7 +34,11 @@ class _CachedArrays:
 
     def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i not in self._open:
-            self._open[i] = self.entries[i].load(mmap=True)
+            try:
+                self._open[i] = self.entries[i].load(mmap=True)
+            except OSError as exc:  # the cache folder was removed or emptied while the run went on
+                raise DataError(f"{exc.filename or self.entries[i].image_path}: cached array vanished during "
+                                "the run (was data.cache_dir removed?); run again to rebuild it") from exc
         return self._open[i]
 
     def crop(self, i: int, z: int, size: Sequence[int] | None,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from seg_densenet.errors import SegDenseNetError
+from seg_densenet.errors import SegDenseNetError, StorageError
 
 EXIT_USER_ERROR = 2
 
@@ -21,19 +21,40 @@ def _full_error() -> bool:
 
 
 def user_error(exc: BaseException) -> SegDenseNetError | None:
-    """The :class:`SegDenseNetError` behind ``exc`` (Hydra's instantiate wraps errors it calls into)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
+    """The :class:`SegDenseNetError` behind ``exc`` (Hydra's instantiate wraps errors it calls into),
+    or a :class:`~seg_densenet.errors.StorageError` for a write the machine refused outside the
+    project's own writers (a logger's file on a full disk)."""
+    from seg_densenet.utils.atomic import storage_error
+
+    chain = []
+    while exc is not None and all(exc is not seen for seen in chain):
         if isinstance(exc, SegDenseNetError):
             return exc
-        seen.add(id(exc))
+        chain.append(exc)
         exc = exc.__cause__ or exc.__context__
+    for exc in chain:
+        if isinstance(exc, OSError) and exc.filename is not None:
+            refused = storage_error(exc, exc.filename, option="output folder")
+            if refused is not None:
+                return refused
+        elif isinstance(exc, OSError) and exc.errno is not None and storage_error(exc, ".") is not None:
+            # a failed write() names no file: say what the machine refused and where to look
+            return StorageError(f"writing an output failed: {exc.strerror}: free space on the output's disk or "
+                                "choose another output folder")
     return None
 
 
 def fail(message: str) -> None:
-    """Print ``error: <message>`` as one line on stderr and exit with status 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    """Print ``error: <message>`` as one line on stderr and exit with status 2.
+
+    An error raised in a DataLoader worker reaches the main process with the worker's traceback in its
+    message; only the original last line is kept.
+    """
+    message = str(message)
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if last.startswith("seg_densenet.errors.") else last
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 
 
