@@ -58,6 +58,8 @@ def load_volume(path: str | Path, *, label: bool = False) -> Volume:
         raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
     except nib.filebasedimages.ImageFileError as exc:
         raise DataError(f"{path}: not a NIfTI file ({_first_line(exc)})") from exc
+    except FileNotFoundError as exc:  # removed between the check above and the read
+        raise DataError(f"{path}: file not found (removed while it was being read)") from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read NIfTI data ({_first_line(exc)})") from exc
     if raw.ndim == 4 and raw.shape[3] == 1:
