@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,14 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
         assert (run / stage / "csv" / "metrics.csv").is_file()
     assert (run / ".hydra" / "config.yaml").is_file()
     assert "final summary" in result.stdout and "best checkpoint" in result.stdout
+    # stdout is a pipe here, not a terminal: one plain progress line per epoch, on stdout and in train.log
+    log = (run / "train.log").read_text()
+    for text in (result.stdout, log):
+        seg_lines = [line for line in text.splitlines() if "val dice" in line and line.split("epoch ")[-1][:1].isdigit()]
+        assert seg_lines, text[-3000:]
+        assert re.search(r"epoch 1/\d+ step \d+ loss \d\.\d{4} \| val dice 0\.\d{3} \(lv \d\.\d{3} myo \d\.\d{3} "
+                         r"rv \d\.\d{3}\) best \d\.\d{3} \| \d+\.\d min, ~\d+\.\d min left", seg_lines[0]), seg_lines[0]
+        assert re.search(r"epoch 1/\d+ step \d+ loss .* \| val acc \d\.\d{3}", text), text[-3000:]
     # validation Dice against wall-clock minutes, from the run's own metrics.csv
     curve = tmp_path / "curve.png"
     result = run_cli(["-m", "seg_densenet.training_curve", str(run / "stage2_segment"), "--out", str(curve)])
