@@ -130,6 +130,7 @@ def _device(v: Any) -> bool:
 
 
 DEVICE = (_device, "auto, cpu, cuda or cuda:N")
+WEIGHTS = ((lambda v: v == "imagenet" or existing_file()[0](v)), "imagenet or an existing file")
 TTA = one_of(False, True, "d4")
 POSTPROCESS = one_of(None, "none", "lcc")
 
@@ -197,7 +198,8 @@ _MODEL = [
     rule("model.compression", number_in(0, 1), nullable=True),
     rule("model.drop_rate", number_in(0, 1, high_open=True), nullable=True),
     rule("model.decoder_growth_rate", int_at_least(1), nullable=True),
-    rule("model.encoder_weights", existing_file(), nullable=True),
+    rule("model.encoder_weights", WEIGHTS, nullable=True),
+    rule("model.weights", WEIGHTS, nullable=True),
 ]
 _TRAIN = [
     *_DATA, *_OPTIM, *_TRAINER, *_TASK, *_MODEL,

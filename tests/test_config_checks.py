@@ -84,7 +84,7 @@ def test_every_shipped_experiment_passes(compose_app, experiment):
         (["data.foreground_fraction=1.5"], "data.foreground_fraction=1.5: must be a number in [0, 1] or null"),
         (["data.fold=5"], "data.fold=5: must be an integer in [0, 4] (data.n_folds=5)"),
         (["task.segment.loss=focal"], "task.segment.loss=focal: must be one of ce, dice, dice_ce"),
-        (["model.encoder_weights=no_such.pth"], "model.encoder_weights=no_such.pth: must be an existing file or null"),
+        (["model.encoder_weights=no_such.pth"], "model.encoder_weights=no_such.pth: must be imagenet or an existing file or null"),
         (["data.percentiles=[99,1]"], "data.percentiles=[99, 1]: must be [low, high] with low < high"),
         (["task.segment.class_weights=[1,1]"], "task.segment.class_weights=[1, 1]: must be a list of 4 numbers"),
         (["data.val_fraction=1.0"], "data.val_fraction=1.0: must be a number in [0, 1)"),

@@ -30,7 +30,7 @@ from seg_densenet.models.layers import (
     padded_forward,
     set_mc_dropout,
 )
-from seg_densenet.models.weights import load_pretrained
+from seg_densenet.models.weights import load_pretrained, weights_file
 
 UPSAMPLE_MODES = {"transposed": TransposedUp, "bilinear": BilinearUp}
 # DenseUNet arguments that set its encoder's DenseNet architecture, under the paper's names
@@ -47,7 +47,9 @@ class DenseNetEncoder(DenseNet):
         name: ``densenet121``, ``densenet169``, ``densenet201`` or ``densenet161``.
         in_channels: image channels.
         weights: optional local weights file for :func:`load_pretrained` (torchvision ``.pth``, this
-            project's classification ``.ckpt``, safetensors); a 3-channel stem is summed to 1 channel.
+            project's classification ``.ckpt``, safetensors), or ``imagenet``: torchvision's ImageNet
+            file of ``name`` in torch's hub cache (:func:`weights_file`); a 3-channel stem is summed to
+            1 channel.
         memory_efficient: recompute concat + BN + ReLU of the dense layers in backward.
         **overrides: architecture overrides (``growth_rate``, ``block_config``, ``num_init_features``, ...).
 
@@ -76,7 +78,7 @@ class DenseNetEncoder(DenseNet):
                 f"DenseUNet encoder needs 4 dense blocks (5 taps), got block_config={list(config['block_config'])}"
             )
         if weights is not None:
-            load_pretrained(self, weights)
+            load_pretrained(self, weights_file(weights, name))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.forward_features(x)

@@ -334,11 +334,21 @@ def _check_args(
         raise ConfigError(f"DenseNet stem must be one of {', '.join(STEMS)}, got {stem!r}")
 
 
-def build_densenet(name: str, **overrides) -> DenseNet:
-    """DenseNet named in ``DENSENET_CONFIGS``; ``overrides`` replace or add any ``DenseNet`` argument."""
+def build_densenet(name: str, weights: str | None = None, **overrides) -> DenseNet:
+    """DenseNet named in ``DENSENET_CONFIGS``; ``overrides`` replace or add any ``DenseNet`` argument.
+
+    ``weights``: a local weights file, or ``imagenet`` for torchvision's ImageNet file in torch's hub
+    cache (:func:`~seg_densenet.models.weights.weights_file`); a classifier of another class count is
+    re-initialised, a 1-channel stem gets the sum of the RGB filters.
+    """
     if name not in DENSENET_CONFIGS:
         raise ConfigError(f"unknown DenseNet {name!r}; valid names: {', '.join(DENSENET_CONFIGS)}")
-    return DenseNet(**{**DENSENET_CONFIGS[name], **overrides})
+    model = DenseNet(**{**DENSENET_CONFIGS[name], **overrides})
+    if weights is not None:
+        from seg_densenet.models.weights import load_pretrained, weights_file  # weights imports this module
+
+        load_pretrained(model, weights_file(weights, name))
+    return model
 
 
 def densenet121(

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from seg_densenet.models.densenet import densenet121
 from seg_densenet.models.layers import padded_forward
-from seg_densenet.models.weights import load_pretrained
+from seg_densenet.models.weights import load_pretrained, weights_file
 
 
 class PaddedUnet(smp.Unet):
@@ -37,7 +37,8 @@ def smp_unet(
     """``smp.Unet("densenet121")``: ``(B, in_channels, H, W)`` -> logits ``(B, num_classes, H, W)``.
 
     Any H and W (padded to multiples of 32 inside, see :class:`PaddedUnet`). ``encoder_weights``: optional local
-    torchvision-format DenseNet-121 weights file (or this project's classification checkpoint).
+    torchvision-format DenseNet-121 weights file (or this project's classification checkpoint), or
+    ``imagenet`` (torchvision's file in torch's hub cache).
     """
     model = PaddedUnet(
         encoder_name="densenet121", encoder_weights=None, in_channels=in_channels, classes=num_classes
@@ -45,6 +46,7 @@ def smp_unet(
     if encoder_weights is not None:
         # smp's encoder overrides load_state_dict without ``strict``, so the file is read and adapted into
         # this project's DenseNet-121 features first, whose keys smp's encoder shares.
-        features = load_pretrained(densenet121(in_channels=in_channels, num_classes=0), encoder_weights)
+        features = load_pretrained(densenet121(in_channels=in_channels, num_classes=0),
+                                   weights_file(encoder_weights, "densenet121"))
         model.encoder.load_state_dict(features.state_dict())
     return model

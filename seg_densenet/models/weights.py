@@ -25,7 +25,15 @@ from seg_densenet.checkpoint import _listing, _one_line, safe_torch_load
 from seg_densenet.errors import CheckpointError, ConfigError
 from seg_densenet.models.densenet import init_weights
 
-__all__ = ["IN_CHANNEL_MODES", "load_pretrained"]
+__all__ = ["IMAGENET_FILES", "IN_CHANNEL_MODES", "load_pretrained", "weights_file"]
+
+IMAGENET_FILES = {
+    "densenet121": "densenet121-a639ec97.pth",
+    "densenet169": "densenet169-b2777c0a.pth",
+    "densenet201": "densenet201-c1103571.pth",
+    "densenet161": "densenet161-8d451a50.pth",
+}
+"""torchvision's ImageNet DenseNet files, by the names torch's hub cache stores them under."""
 
 IN_CHANNEL_MODES = ("sum", "mean", "repeat")
 STEM_KEY = "features.conv0.weight"
@@ -33,6 +41,31 @@ STEM_KEY = "features.conv0.weight"
 _LEGACY_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
+
+
+def weights_file(spec: str | Path, architecture: str) -> Path:
+    """The local file behind a weights setting: a path, or ``imagenet`` for torchvision's ImageNet file of
+    ``architecture`` in torch's hub cache (``$TORCH_HOME/hub/checkpoints``, by default
+    ``~/.cache/torch/hub/checkpoints``), where torchvision keeps what it downloads. Nothing is downloaded.
+
+    Raises:
+        CheckpointError: ``imagenet`` for an architecture without ImageNet weights, or the file is not
+            there (the message says where it was looked for and the command that fetches it elsewhere).
+    """
+    if str(spec) != "imagenet":
+        return Path(spec)
+    if architecture not in IMAGENET_FILES:
+        raise CheckpointError(f"weights=imagenet: there are ImageNet weights for {', '.join(IMAGENET_FILES)}, "
+                              f"not for {architecture}")
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / IMAGENET_FILES[architecture]
+    if not path.is_file():
+        raise CheckpointError(
+            f"weights=imagenet: {path} not found (this project never downloads); on a machine with a network run "
+            f"python -c \"import torchvision; torchvision.models.{architecture}(weights='IMAGENET1K_V1')\" "
+            f"and copy {IMAGENET_FILES[architecture]} into {folder} here (or set TORCH_HOME)"
+        )
+    return path
 
 
 def load_pretrained(
