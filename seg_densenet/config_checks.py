@@ -251,6 +251,7 @@ RULES: dict[str, list[Rule]] = {
         rule("dynamic_size", BOOLEAN),
         rule("tolerance", number_above(0)),
     ],
+    "info": [rule("ckpt", existing_file())],
     "robustness": [
         rule("ckpt", existing_file()),
         rule("input", existing_dir()),

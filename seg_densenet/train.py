@@ -27,7 +27,7 @@ from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.classification import ClassificationModule
 from seg_densenet.lit.segmentation import SegmentationModule
 from seg_densenet.models.dense_unet import ENCODER_ARCHITECTURE
-from seg_densenet.utils.atomic import atomic_write_text
+from seg_densenet.utils.atomic import atomic_path, atomic_write_text
 from seg_densenet.utils.cli import check_overrides, run_cli
 from seg_densenet.utils.ddp import patch_lightning_hydra_launcher, release_ddp_children
 
@@ -91,7 +91,7 @@ def _run_classification(cfg: DictConfig, stage_dir: Path) -> dict:
     model_cfg = classifier_config(cfg)
     net = instantiate(model_cfg, num_classes=datamodule.num_classes)
     record = {"task": "classify", "model": _container(model_cfg) | {"num_classes": datamodule.num_classes},
-              "class_names": list(getattr(datamodule, "class_names", []))}
+              "class_names": list(getattr(datamodule, "class_names", [])), "command": command_line()}
     module = ClassificationModule(
         net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
         num_classes=datamodule.num_classes, label_smoothing=stage_cfg.label_smoothing,
@@ -117,6 +117,7 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         "model": _container(model_cfg) | ({"encoder_weights": None} if "encoder_weights" in model_cfg else {}),
         "data": _container(cfg.data),
         "class_names": ["background", "RV", "MYO", "LV"],
+        "command": command_line(),
     }
     module = SegmentationModule(
         net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
@@ -161,10 +162,30 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
     if cfg.get("test", True) and _has_test_data(datamodule):
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update(_scalars(test_metrics[0] if test_metrics else {}))
+        if best and trainer.is_global_zero:
+            _record_test_metrics(Path(best), {k: v for k, v in metrics.items() if k.startswith("test/")})
     record = {"metrics": metrics, "best_checkpoint": best, "epochs": trainer.current_epoch, **(extra or {})}
     if trainer.is_global_zero:
         atomic_write_text(stage_dir / STAGE_RECORD, json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _record_test_metrics(path: Path, metrics: dict[str, float]) -> None:
+    """Add the test metrics to the best checkpoint's record (``python -m seg_densenet.info`` shows them)."""
+    checkpoint = safe_torch_load(path)
+    checkpoint.setdefault("seg_densenet", {})["test_metrics"] = metrics
+    with atomic_path(path, option="hydra.run.dir=") as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def command_line() -> str | None:
+    """The command that started this Hydra run (``python -m seg_densenet.train`` and its overrides);
+    ``None`` outside one (``train(cfg)`` called from Python)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return " ".join(["python -m seg_densenet.train", *HydraConfig.get().overrides.task])
 
 
 # -- config helpers -------------------------------------------------------------------------------

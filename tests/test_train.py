@@ -176,6 +176,21 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
         assert re.search(r"epoch 1/\d+ step \d+ loss \d\.\d{4} \| val dice 0\.\d{3} \(lv \d\.\d{3} myo \d\.\d{3} "
                          r"rv \d\.\d{3}\) best \d\.\d{3} \| \d+\.\d min, ~\d+\.\d min left", seg_lines[0]), seg_lines[0]
         assert re.search(r"epoch 1/\d+ step \d+ loss .* \| val acc \d\.\d{3}", text), text[-3000:]
+    # what the checkpoint says about itself, from the file alone
+    result = run_cli(["-m", "seg_densenet.info", f"ckpt={summary['best_checkpoint']}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = {}
+    for line in result.stdout.splitlines():
+        field, _, text = line.partition("  ")
+        info[field.strip()] = text.strip()
+    assert info["task"] == "segment" and info["architecture"].startswith("dense_unet: ")
+    assert int(info["parameters"].replace(",", "")) > 10_000
+    assert info["labels"] == "0 background, 1 RV, 2 MYO, 3 LV"
+    assert "crop 64x64" in info["training grid"] and "[3.0, 3.0] mm" in info["training grid"]
+    assert "Affine(" in info["augmentation"]
+    assert re.search(r"val/dice 0\.\d{4}", info["validation"]) and re.search(r"test/dice 0\.\d{4}", info["test"])
+    assert info["command"].startswith("python -m seg_densenet.train experiment=synthetic_quick ")
+    assert info["saved"].startswith("20") and "not recorded" not in info["saved"]
     # validation Dice against wall-clock minutes, from the run's own metrics.csv
     curve = tmp_path / "curve.png"
     result = run_cli(["-m", "seg_densenet.training_curve", str(run / "stage2_segment"), "--out", str(curve)])

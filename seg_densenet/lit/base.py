@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import pytorch_lightning as pl
@@ -72,4 +73,11 @@ class BaseModule(pl.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["seg_densenet"] = self.record
+        # what `python -m seg_densenet.info` shows: the record, when it was saved, the metrics so far
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                   if isinstance(v, torch.Tensor) and v.numel() == 1 and k.startswith(("train/", "val/"))}
+        checkpoint["seg_densenet"] = {
+            **self.record,
+            "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metrics": dict(sorted(metrics.items())),
+        }
