@@ -225,6 +225,8 @@ RULES: dict[str, list[Rule]] = {
         rule("save_probs", BOOLEAN),
         rule("precision", one_of("32", "bf16", "16")),
         rule("memory_budget_mb", number_above(0), nullable=True),
+        rule("cine", BOOLEAN),
+        rule("cine_frames", pair_of(int_at_least(1)), nullable=True),
     ],
     "evaluate": [
         rule("pred", existing_dir(), nullable=True),

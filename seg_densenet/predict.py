@@ -169,16 +169,18 @@ def nifti_stem(path: Path) -> str:
     return path.stem
 
 
-def find_inputs(input_path: str | Path) -> tuple[Path, list[Path]]:
-    """The input root and the image files under it (sorted); ``*_gt``/``*_pred`` files are skipped."""
+def find_inputs(input_path: str | Path, cine: bool = False) -> tuple[Path, list[Path]]:
+    """The input root and the image files under it (sorted); ``*_gt``/``*_pred`` files are skipped, and
+    so are ACDC's ``*_4d`` cine series unless ``cine`` (their ED and ES frames are files of their own)."""
     root = Path(input_path)
     if root.is_file():
         return root.parent, [root]
     if not root.is_dir():
         raise DataError(f"{root}: input not found")
+    skip = tuple(m for m in SKIP_MARKERS if not (cine and m == "_4d"))
     files = [  # walk_files returns them sorted
         p for p in walk_files(root)
-        if p.name.endswith(NIFTI_SUFFIXES) and not nifti_stem(p).endswith(SKIP_MARKERS)
+        if p.name.endswith(NIFTI_SUFFIXES) and not nifti_stem(p).endswith(skip)
     ]
     if not files:
         raise DataError(f"{root}: no NIfTI images (*.nii.gz, *.nii) found")
@@ -464,9 +466,15 @@ def _tta_mode(tta) -> bool | str:
 def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta: bool | str = False,
                  postprocess: str | None = None, mc_samples: int = 0, save_probs: bool = False,
                  device: str = "auto", precision: str = "32", batch_size: int = 16,
-                 memory_budget_mb: float | None = None, channels_last: bool = True) -> list[Path]:
-    """Predict every image under ``input`` into ``output`` (mirroring the tree); returns the masks written."""
-    root, files = find_inputs(input)
+                 memory_budget_mb: float | None = None, channels_last: bool = True, cine: bool = False,
+                 cine_frames: Sequence[int] | None = None) -> list[Path]:
+    """Predict every image under ``input`` into ``output`` (mirroring the tree); returns the masks written.
+
+    A 4D cine series ``(X, Y, Z, T)`` (given directly, or found in a tree with ``cine=True``) becomes a 4D
+    mask, with its volume-time curves, ED/ES and the cycle's indices beside it (:mod:`seg_densenet.cine`;
+    ``cine_frames=[ED, ES]`` names the frames instead of finding them).
+    """
+    root, files = find_inputs(input, cine=cine)
     output = Path(output)
     targets = [output / f.parent.relative_to(root) / f"{nifti_stem(f)}_pred.nii.gz" for f in files]
     inputs = {f.resolve() for f in files}
@@ -482,11 +490,14 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns) as progress:
         for src, target in zip(files, targets):
-            volume = load_volume(src)
+            volume = load_volume(src, allow_4d=True)
+            stem = nifti_stem(target)[: -len("_pred")]
+            if volume.data.ndim == 4:
+                written.append(_predict_cine(predictor, volume, target, cine_frames, progress))
+                continue
             task = progress.add_task(f"{src.name}", total=volume.shape[slice_axis(volume)])
             result = predictor.predict(volume, progress, task)
             save_volume(target, result["labels"], volume, dtype=np.uint8)
-            stem = nifti_stem(target)[: -len("_pred")]
             if "entropy" in result:
                 save_volume(target.with_name(f"{stem}_uncertainty.nii.gz"), result["entropy"], volume, dtype=np.float32)
             if "probs" in result:
@@ -494,6 +505,25 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
             written.append(target)
     log.info("wrote %d prediction(s) under %s", len(written), output)
     return written
+
+
+def _predict_cine(predictor: Predictor, volume: Volume, target: Path, cine_frames: Sequence[int] | None,
+                  progress: Progress) -> Path:
+    """Segment every frame of a 4D series into a 4D mask and write its cycle reports beside it."""
+    from seg_densenet import cine
+
+    n_frames = volume.data.shape[3]
+    first = cine.frame(volume, 0)
+    task = progress.add_task(f"{volume.path.name} ({n_frames} frames)", total=first.shape[slice_axis(first)] * n_frames)
+    labels = np.stack([predictor.predict(cine.frame(volume, t), progress, task)["labels"] for t in range(n_frames)], -1)
+    save_volume(target, labels, volume, dtype=np.uint8)
+    curves = cine.volume_curves(labels, volume.spacing)
+    ed, es = cine.ed_es_frames(curves["LV"], cine_frames)
+    summary = cine.cycle_summary(curves, ed, es, named=cine_frames is not None)
+    cine.write_cycle_reports(target.with_name(nifti_stem(target)[: -len("_pred")]), curves, summary)
+    log.info("%s: %d frames, ED frame %d, ES frame %d (%s), LVEF %.1f %%, RVEF %.1f %%", volume.path, n_frames,
+             summary["ED_frame"], summary["ES_frame"], summary["chosen_by"], summary["LV_EF_pct"], summary["RV_EF_pct"])
+    return target
 
 
 def _save_probabilities(path: Path, probs: np.ndarray, reference: Volume) -> None:
@@ -513,6 +543,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         predict_tree, cfg.ckpt, cfg.input, cfg.output, tta=cfg.tta, postprocess=cfg.postprocess,
         mc_samples=cfg.mc_samples, save_probs=cfg.save_probs, device=cfg.device, precision=str(cfg.precision),
         batch_size=cfg.batch_size, memory_budget_mb=cfg.memory_budget_mb, channels_last=cfg.channels_last,
+        cine=cfg.cine, cine_frames=cfg.cine_frames,
     )
 
 

@@ -42,11 +42,12 @@ class Volume:
         return tuple(self.data.shape)
 
 
-def load_volume(path: str | Path, *, label: bool = False) -> Volume:
+def load_volume(path: str | Path, *, label: bool = False, allow_4d: bool = False) -> Volume:
     """Load a 3D NIfTI volume, checking that it is readable, 3D and finite.
 
-    A 4D array whose last axis has length 1 is squeezed to 3D. Images load as float32, label maps as
-    int64 (non-integer label values are an error).
+    A 4D array whose last axis has length 1 is squeezed to 3D; with ``allow_4d`` a cine series
+    ``(X, Y, Z, T)`` loads as it is (see :mod:`seg_densenet.cine`). Images load as float32, label maps
+    as int64 (non-integer label values are an error).
     """
     path = Path(path)
     if not path.is_file():
@@ -64,7 +65,7 @@ def load_volume(path: str | Path, *, label: bool = False) -> Volume:
         raise DataError(f"{path}: cannot read NIfTI data ({_first_line(exc)})") from exc
     if raw.ndim == 4 and raw.shape[3] == 1:
         raw = raw[..., 0]
-    if raw.ndim != 3:
+    if raw.ndim != 3 and not (allow_4d and raw.ndim == 4):
         raise DataError(f"{path}: expected a 3D volume (X, Y, Z), got a {raw.ndim}D array of shape {raw.shape}")
     if label:
         if not np.issubdtype(raw.dtype, np.integer):
