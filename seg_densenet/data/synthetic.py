@@ -79,10 +79,14 @@ import numpy as np
 from scipy import ndimage
 
 from seg_densenet.errors import DataError, SegDenseNetError
+from seg_densenet.evaluation.clinical import (
+    MYOCARDIUM_DENSITY_G_PER_ML,
+    indices_from_volumes,
+    structure_volumes_ml,
+)
 
 GROUPS = ("NOR", "DCM", "HCM", "MINF", "RV")
 DEFAULT_IMAGE_SIZE = (216, 256)
-MYOCARDIUM_DENSITY_G_PER_ML = 1.05
 COMPLETE_MARKER = ".complete"
 # bump when the generated data change, so that ensure_dataset regenerates old copies
 FORMAT_VERSION = 1
@@ -669,17 +673,6 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> nib.Nifti1
     return img
 
 
-def _volumes_ml(labels: np.ndarray, zooms: tuple[float, ...]) -> dict[int, float]:
-    """Volume (ml) of labels 1, 2, 3 from voxel counts and the header zooms."""
-    voxel_ml = float(np.prod(np.asarray(zooms[:3], dtype=np.float64))) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=4)
-    return {k: float(counts[k]) * voxel_ml for k in (1, 2, 3)}
-
-
-def _ef(edv: float, esv: float) -> float:
-    return 100.0 * (edv - esv) / edv if edv > 0 else 0.0
-
-
 def _write_patient(folder: Path, name: str, p: _Patient, rng: np.random.Generator) -> dict:
     """Render and write one patient into ``folder``; returns its truth.json entry."""
     nz = p.shape[2]
@@ -702,24 +695,20 @@ def _write_patient(folder: Path, name: str, p: _Patient, rng: np.random.Generato
         image = _render(p, rng, sub_tissue, texture, vessels)
         _write_nifti(folder / f"{name}_frame{frame:02d}.nii.gz", image, affine)
         gt = _write_nifti(folder / f"{name}_frame{frame:02d}_gt.nii.gz", labels, affine)
-        volumes[systole] = _volumes_ml(labels, gt.header.get_zooms())
+        volumes[systole] = structure_volumes_ml(labels, gt.header.get_zooms()[:3])
     (folder / "Info.cfg").write_text(
         f"ED: 1\nES: {p.es_frame}\nGroup: {p.group}\nHeight: {p.height:.1f}\nWeight: {p.weight:.1f}\n"
         f"NbFrame: {p.nb_frame}\n"
     )
     ed, es = volumes[False], volumes[True]
+    # the indices exactly as the evaluation computes them (seg_densenet/evaluation/clinical.py)
+    indices = indices_from_volumes(ed, es)
     return {
         "group": p.group,
         "ED_frame": 1,
         "ES_frame": p.es_frame,
-        "LV_EDV_ml": round(ed[3], 4),
-        "LV_ESV_ml": round(es[3], 4),
-        "LV_EF_pct": round(_ef(ed[3], es[3]), 4),
-        "RV_EDV_ml": round(ed[1], 4),
-        "RV_ESV_ml": round(es[1], 4),
-        "RV_EF_pct": round(_ef(ed[1], es[1]), 4),
-        "MYO_mass_g": round(ed[2] * MYOCARDIUM_DENSITY_G_PER_ML, 4),
-        "MYO_mass_ES_g": round(es[2] * MYOCARDIUM_DENSITY_G_PER_ML, 4),
+        **{k: round(v, 4) for k, v in indices.items()},
+        "MYO_mass_ES_g": round(es["MYO"] * MYOCARDIUM_DENSITY_G_PER_ML, 4),
         "spacing_mm": [round(float(v), 4) for v in gt.header.get_zooms()[:3]],
     }
 
