@@ -177,7 +177,8 @@ _TRAINER = [
     rule("trainer.accumulate_grad_batches", int_at_least(1)),
     rule("trainer.num_sanity_val_steps", int_at_least(-1)),
     rule("trainer.gradient_clip_val", number_at_least(0), nullable=True),
-    rule("trainer.precision", one_of("32-true", "32", 32, "bf16-mixed", "16-mixed", "bf16-true", "64-true")),
+    rule("trainer.precision", one_of("32-true", "32", 32, "bf16-mixed", "16-mixed", "bf16-true", "16-true",
+                                     "64-true", "64", 64, "bf16", "16", 16, "transformer-engine")),
 ]
 _TASK = [
     rule("task.segment.max_epochs", int_at_least(1)),

@@ -235,7 +235,9 @@ def test_cli_missing_folder_is_a_one_line_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     result = _run(tmp_path, f"pred={missing}", f"gt={tmp_path}", f"output={tmp_path / 'out'}")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {missing}: pred folder not found"], result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: pred={missing}: must be an existing folder or null"], (
+        result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -195,8 +195,10 @@ def test_cli_writes_a_row_per_requested_shift_for_the_split_patients(trained_ckp
 
 def test_cli_bad_shift_name_is_a_one_line_error(tmp_path):
     out = tmp_path / "report"
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"the shift names are checked before the checkpoint is read")
     result = run_cli([
-        "-m", "seg_densenet.robustness", f"ckpt={tmp_path / 'missing.ckpt'}", f"input={tmp_path}",
+        "-m", "seg_densenet.robustness", f"ckpt={ckpt}", f"input={tmp_path}",
         f"output={out}", "shifts=[rot90,rot45]",
     ], timeout=120)  # fmt: skip
     assert result.returncode != 0

@@ -158,7 +158,8 @@ def test_bf16_mixed_precision_on_cpu(compose_cfg, tmp_path, synthetic_root):
 @pytest.mark.slow
 def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
     run = tmp_path / "run"
-    result = run_cli(["-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), f"hydra.run.dir={run}"])
+    result = run_cli(["-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), "task.segment.max_epochs=4",
+                      f"hydra.run.dir={run}"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "pipeline" and summary["output_dir"] == str(run)
