@@ -115,7 +115,7 @@ def test_channels_last_training_runs_in_nhwc_and_matches_nchw(compose_cfg, tmp_p
 
 
 def test_pipeline_hands_stage1_weights_to_the_encoder(compose_cfg, tmp_path, synthetic_root):
-    cfg = compose_cfg(quick_overrides(tmp_path, synthetic_root))
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task.segment.max_epochs=2"])
     train(cfg)
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
