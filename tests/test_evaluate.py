@@ -290,3 +290,19 @@ def test_output_may_share_the_input_folder_but_never_overwrite_an_input(tmp_path
     with pytest.raises(SegDenseNetError, match="same as an input file"):
         evaluate_folders(pred_root, gt_root, target, make_plots=False)
     assert target.read_bytes() == data
+
+
+def test_overlays_colour_each_structure(tmp_path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    from seg_densenet.evaluation.plots import STRUCTURE_COLOURS, overlay_montage
+
+    gt = _labels(10)
+    image = gt.astype(np.float32) * 50 + 10
+    path = tmp_path / "overlay.png"
+    overlay_montage(image, gt, _labels(9, shift=2), {"RV": 1, "MYO": 2, "LV": 3}, "patient001 ED", path)
+    pixels = mpimg.imread(path)[..., :3].reshape(-1, 3)
+    for name, colour in STRUCTURE_COLOURS.items():
+        rgb = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        # the ground-truth contour of each structure is drawn in its own colour, at full strength
+        assert (np.abs(pixels - rgb).max(axis=1) < 0.08).sum() > 20, name

@@ -17,9 +17,6 @@ from matplotlib.lines import Line2D
 from seg_densenet.evaluation.cases import PHASES
 from seg_densenet.utils.atomic import atomic_path
 
-_GT_COLOUR = "#2ca02c"
-_PRED_COLOUR = "#d62728"
-
 
 def dice_boxplot(metric_rows: Sequence[dict], structures: Sequence[str], path: Path) -> None:
     """Box plot of the per-frame Dice of every structure at ED and ES."""
@@ -62,6 +59,17 @@ def bland_altman(pred: Sequence[float], gt: Sequence[float], name: str, unit: st
     _save(fig, path)
 
 
+STRUCTURE_COLOURS = {"RV": "#1f77ff", "MYO": "#2ca02c", "LV": "#ff2020"}
+"""One colour per structure in the overlays (RV blue, myocardium green, LV red); others cycle below."""
+_OTHER_COLOURS = ("#ff7f0e", "#9467bd", "#17becf", "#e377c2")
+
+
+def structure_colours(labels: Mapping[str, int]) -> dict[str, str]:
+    """``{structure: colour}``: the fixed colours of :data:`STRUCTURE_COLOURS`, then a cycle for others."""
+    others = iter(_OTHER_COLOURS * (1 + len(labels)))
+    return {name: STRUCTURE_COLOURS.get(name) or next(others) for name in labels}
+
+
 def overlay_montage(
     image: np.ndarray,
     gt: np.ndarray,
@@ -71,29 +79,35 @@ def overlay_montage(
     path: Path,
     n_slices: int = 3,
 ) -> None:
-    """Mid short-axis slices of ``image`` with ground-truth (green) and predicted (red, dashed) contours.
+    """Mid short-axis slices of ``image``, each structure in its own colour: the prediction as a filled
+    translucent region, the ground truth as a contour line on top.
 
     image: ``(X, Y, Z)`` float; gt, pred: ``(X, Y, Z)`` integer label maps. The slices are spread over
     the middle of the ground truth's extent along Z (or of the stack if the ground truth is empty).
     """
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Patch
+
+    colours = structure_colours(labels)
     slices = _mid_slices(gt, n_slices)
-    fig = _figure(3.2 * len(slices), 3.6)
+    fig = _figure(3.2 * len(slices), 3.8)
     for i, z in enumerate(slices):
         ax = fig.add_subplot(1, len(slices), i + 1)
         # transpose: arrays are (X, Y) and imshow draws rows as the vertical axis
         ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
-        for value in labels.values():
-            for mask, colour, style in ((gt, _GT_COLOUR, "solid"), (pred, _PRED_COLOUR, "dashed")):
-                plane = (mask[:, :, z] == value).T.astype(np.float32)
-                if plane.any():
-                    ax.contour(plane, levels=[0.5], colors=colour, linestyles=style, linewidths=1.0)
+        fill = np.zeros((*gt.shape[:2][::-1], 4), dtype=np.float32)
+        for name, value in labels.items():
+            fill[(pred[:, :, z] == value).T] = to_rgba(colours[name], alpha=0.4)
+        ax.imshow(fill, origin="lower", interpolation="nearest")
+        for name, value in labels.items():
+            plane = (gt[:, :, z] == value).T.astype(np.float32)
+            if plane.any():
+                ax.contour(plane, levels=[0.5], colors=colours[name], linewidths=1.2)
         ax.set_title(f"slice {z}", fontsize=9)
         ax.set_axis_off()
-    handles = [
-        Line2D([], [], color=_GT_COLOUR, label="ground truth"),
-        Line2D([], [], color=_PRED_COLOUR, linestyle="--", label="prediction"),
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8)
+    handles = [Patch(facecolor=to_rgba(colours[name], 0.4), edgecolor=colours[name], label=name) for name in labels]
+    handles += [Line2D([], [], color="white", lw=0, label="fill: prediction, line: ground truth")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
