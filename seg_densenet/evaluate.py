@@ -32,6 +32,7 @@ from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
 from seg_densenet.evaluation import report
 from seg_densenet.evaluation.cases import PHASES, FramePair, find_frames
 from seg_densenet.evaluation.clinical import ACDC_LABELS, indices_from_volumes, structure_volumes_ml
+from seg_densenet.evaluation.html_report import write_html_report
 from seg_densenet.evaluation.metrics import label_metrics
 from seg_densenet.utils.atomic import refuse_overwrite_of_inputs
 from seg_densenet.utils.cli import check_overrides
@@ -105,11 +106,15 @@ def evaluate_folders(
     report.write_csv(output / "clinical.csv", clinical_rows, report.CLINICAL_COLUMNS)
     report.write_json(output / "summary.json", summary)
     sources = {"gt": str(gt), "pred": str(pred)}
-    report.write_markdown(
-        output / "summary.md", report.summary_markdown(stats, len(frames), sources, warnings)
-    )
+    markdown = report.summary_markdown(stats, len(frames), sources, warnings)
+    report.write_markdown(output / "summary.md", markdown)
+    strips, figures = {}, {}
     if make_plots:
         _write_plots(output, frames, metric_rows, clinical_rows, labels, warn)
+        strips = _case_strips(frames, labels)
+        figures = {png.stem.replace("_", " "): png.read_bytes() for png in sorted(output.glob("*.png"))
+                   if not png.name.startswith("overlay_")}
+    write_html_report(output / "report.html", markdown, metric_rows, clinical_rows, list(labels), strips, figures)
     _print_table(stats, output)
     return summary
 
@@ -283,6 +288,26 @@ def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, warn)
         plots.overlay_montage(
             image, gt_vol.data, pred_vol.data, labels, title, output / f"overlay_{which}.png"
         )
+
+
+def _case_strips(frames: list[FramePair], labels: dict[str, int]) -> dict[str, bytes]:
+    """The overlay strip (ED and ES) of every case whose image files are there, as PNG bytes."""
+    from seg_densenet.evaluation import plots
+
+    strips = {}
+    for case in sorted({f.case for f in frames}):
+        phases = {}
+        for frame in sorted((f for f in frames if f.case == case), key=lambda f: PHASES.index(f.phase)
+                            if f.phase in PHASES else len(PHASES)):
+            gt_vol, pred_vol = _load_pair(frame, labels)
+            if not frame.image_path.is_file():
+                continue
+            image = load_volume(frame.image_path).data
+            if image.shape == gt_vol.shape:
+                phases[frame.phase or frame.stem] = (image, gt_vol.data, pred_vol.data)
+        if phases:
+            strips[case] = plots.overlay_strip(phases, labels, case)
+    return strips
 
 
 def _print_table(stats: dict, output: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,8 +107,13 @@ def test_cli_writes_every_report(tmp_path: Path) -> None:
         "bland_altman_LV_EDV.png",
         "overlay_best.png",
         "overlay_worst.png",
+        "report.html",
     }
     assert {p.name for p in out.iterdir()} == expected
+    page = (out / "report.html").read_text()
+    assert page.count('<figure id="case-') == len(PATIENTS) and 'class="sortable"' in page
+    assert page.count("data:image/png;base64,") == len(PATIENTS) + 4  # strips, box plot, 3 Bland-Altman
+    assert "<th>Dice RV ED</th>" in page and "Geometric metrics" in page
     for png in (p for p in out.iterdir() if p.suffix == ".png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -306,3 +313,29 @@ def test_overlays_colour_each_structure(tmp_path: Path) -> None:
         rgb = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
         # the ground-truth contour of each structure is drawn in its own colour, at full strength
         assert (np.abs(pixels - rgb).max(axis=1) < 0.08).sum() > 20, name
+
+
+def test_html_report_renders_and_sorts_in_a_headless_browser(tmp_path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here (.ci/run installs Debian's chromium package)")
+    gt_root, pred_root = _make_tree(tmp_path, perturb=True)
+    out = tmp_path / "out"
+    evaluate_folders(pred_root, gt_root, out)
+    page = (out / "report.html").as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", page],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 50_000
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (2400, 1200) and pixels.std() > 0.1  # text, tables and figures, not a blank page
+    # the sortable table, sorted by the browser itself (report.html#sort=-<column>: descending)
+    dom = subprocess.run([browser, *flags, "--dump-dom", "--virtual-time-budget=2000", page + "#sort=-patient"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    table = dom.split('id="patients"', 1)[1].split("</table>", 1)[0]
+    assert 'data-order="desc"' in table.split("</thead>", 1)[0]
+    rows = [re.findall(r'data-value="([^"]*)"', row) for row in table.split("<tbody>", 1)[1].split("<tr>")[1:]]
+    assert [row[0] for row in rows] == sorted(PATIENTS, reverse=True)

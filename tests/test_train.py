@@ -310,3 +310,16 @@ def test_unknown_task_stage_is_a_config_error(compose_cfg, tmp_path, synthetic_r
 
 def test_repo_root_is_the_checkout():
     assert (REPO_ROOT / "conf" / "config.yaml").is_file()
+
+
+def test_tensorboard_gets_a_coloured_validation_overlay_per_epoch(compose_cfg, tmp_path, synthetic_root):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "test=false", "logger=tensorboard",
+                       "trainer.max_epochs=2"])
+    train(cfg)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={IMAGES: 0})
+    events.Reload()
+    assert "val/overlay" in events.Tags()["images"]
+    images = events.Images("val/overlay")
+    assert len(images) == 2 and images[0].width > 300 and images[0].height > 150

@@ -6,6 +6,7 @@ no display and no global figure state are involved; every file is written atomic
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -85,14 +86,39 @@ def overlay_montage(
     image: ``(X, Y, Z)`` float; gt, pred: ``(X, Y, Z)`` integer label maps. The slices are spread over
     the middle of the ground truth's extent along Z (or of the stack if the ground truth is empty).
     """
+    panels = [(image, gt, pred, f"slice {z}", z) for z in _mid_slices(gt, n_slices)]
+    _save(_overlay_figure(panels, labels, title), path)
+
+
+def overlay_image(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, labels: Mapping[str, int], title: str,
+                  n_slices: int = 3) -> np.ndarray:
+    """:func:`overlay_montage` as an ``(H, W, 3)`` uint8 RGB array (for TensorBoard)."""
+    panels = [(image, gt, pred, f"slice {z}", z) for z in _mid_slices(gt, n_slices)]
+    fig = _overlay_figure(panels, labels, title, panel_size=2.4)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def overlay_strip(phases: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], labels: Mapping[str, int],
+                  title: str, n_slices: int = 2) -> bytes:
+    """PNG bytes of one case's strip: ``n_slices`` mid slices of each phase (``{"ED": (image, gt, pred)}``),
+    coloured as :func:`overlay_montage`."""
+    panels = [(image, gt, pred, f"{phase} slice {z}", z)
+              for phase, (image, gt, pred) in phases.items() for z in _mid_slices(gt, n_slices)]
+    fig = _overlay_figure(panels, labels, title, panel_size=2.4)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    return buffer.getvalue()
+
+
+def _overlay_figure(panels, labels: Mapping[str, int], title: str, panel_size: float = 3.2) -> Figure:
     from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
 
     colours = structure_colours(labels)
-    slices = _mid_slices(gt, n_slices)
-    fig = _figure(3.2 * len(slices), 3.8)
-    for i, z in enumerate(slices):
-        ax = fig.add_subplot(1, len(slices), i + 1)
+    fig = _figure(panel_size * len(panels), panel_size + 0.6)
+    for i, (image, gt, pred, caption, z) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
         # transpose: arrays are (X, Y) and imshow draws rows as the vertical axis
         ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
         fill = np.zeros((*gt.shape[:2][::-1], 4), dtype=np.float32)
@@ -103,13 +129,13 @@ def overlay_montage(
             plane = (gt[:, :, z] == value).T.astype(np.float32)
             if plane.any():
                 ax.contour(plane, levels=[0.5], colors=colours[name], linewidths=1.2)
-        ax.set_title(f"slice {z}", fontsize=9)
+        ax.set_title(caption, fontsize=9)
         ax.set_axis_off()
     handles = [Patch(facecolor=to_rgba(colours[name], 0.4), edgecolor=colours[name], label=name) for name in labels]
     handles += [Line2D([], [], color="white", lw=0, label="fill: prediction, line: ground truth")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    return fig
 
 
 def _mid_slices(gt: np.ndarray, n: int) -> list[int]:

@@ -103,3 +103,35 @@ class ProgressLog(pl.Callback):
         if timer is not None and timer.time_remaining() is not None:
             left = min(left, timer.time_remaining() / 60.0)
         return f"~{left:.1f} min left"
+
+
+class ValidationOverlay(pl.Callback):
+    """One validation overlay image per epoch in TensorBoard (``logger=tensorboard``): the middle slices of
+    the first validation volume, RV, myocardium and LV in their own colours (prediction filled, ground
+    truth as lines), under the tag ``val/overlay``. Does nothing without a TensorBoard logger or on
+    classification batches; costs one extra forward pass of that volume per epoch."""
+
+    def __init__(self, n_slices: int = 3) -> None:
+        self.n_slices = n_slices
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if batch_idx != 0 or trainer.sanity_checking or not loggers or not isinstance(batch, dict) \
+                or "mask" not in batch or not hasattr(pl_module, "predict_volume_logits"):
+            return
+        import numpy as np
+
+        from seg_densenet.evaluation.clinical import ACDC_LABELS
+        from seg_densenet.evaluation.plots import overlay_image
+
+        pred = pl_module.predict_volume_logits(batch["image"]).argmax(1)
+        # (S, H, W) -> (X, Y, Z), the evaluation's axis order
+        image = batch["image"][:, 0].permute(1, 2, 0).float().cpu().numpy()
+        gt = batch["mask"].permute(1, 2, 0).cpu().numpy()
+        rgb = overlay_image(image, gt, pred.permute(1, 2, 0).cpu().numpy(), ACDC_LABELS,
+                            f"epoch {trainer.current_epoch + 1}", self.n_slices)
+        for logger in loggers:
+            logger.experiment.add_image("val/overlay", np.asarray(rgb), trainer.global_step, dataformats="HWC")
