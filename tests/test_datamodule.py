@@ -283,3 +283,26 @@ def test_synthetic_dataset_is_generated(tmp_path):
     dm.setup()
     assert len(dm.split["test"]) == 1 and len(dm.split["val"]) == 1
     assert next(iter(dm.train_dataloader()))["image"].shape[1:] == (1, 32, 32)
+
+
+def test_labelled_patients_limits_segmentation_labels_only(dataset, tmp_path):
+    dm = make_dm(dataset, tmp_path / "cache", labelled_patients=3)
+    dm.setup("fit")
+    labelled = dm.split["labelled"]
+    assert len(labelled) == 3 and set(labelled) <= set(dm.split["train"])
+    groups = {c.name: c.group for c in dm.cases}
+    assert len({groups[name] for name in labelled}) == 3  # spread over the diagnosis groups
+    cases = {item["case"].rsplit("_", 1)[0] for item in dm.train_dataset()}
+    assert cases == set(labelled)
+    # validation and the diagnosis classification keep every patient of their split
+    assert len(list(dm.val_dataloader())) == 2 * len(dm.split["val"])
+    cls = dm.classification_datamodule()
+    cls.setup("fit")
+    assert {e.name.rsplit("_", 1)[0] for e in cls.datasets["train"].store.entries} == set(dm.split["train"])
+    # the same seed gives the same patients; split.json lists them
+    again = make_dm(dataset, tmp_path / "cache", labelled_patients=3)
+    again.setup("fit")
+    assert again.split["labelled"] == labelled
+    assert json.loads(dm.save_split(tmp_path / "split.json").read_text())["labelled"] == labelled
+    with pytest.raises(ConfigError, match=r"data.labelled_patients=7: must be between 1 and the 6 training"):
+        make_dm(dataset, tmp_path / "cache", labelled_patients=7).setup("fit")

@@ -21,7 +21,7 @@ from seg_densenet.data.acdc import CLASS_NAMES, GROUPS, Case, Layout, discover_c
 from seg_densenet.data.cache import CachedVolume, VolumeCache
 from seg_densenet.data.datasets import DiagnosisSliceDataset, ImageFolderDataset, SliceDataset, VolumeDataset
 from seg_densenet.data.preprocess import Preprocessor
-from seg_densenet.data.splits import make_split, save_split
+from seg_densenet.data.splits import labelled_subset, make_split, save_split
 from seg_densenet.data.transforms import WorkerSeededAugment
 from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
 
@@ -39,6 +39,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     foreground_fraction: ``None`` keeps label-centred crops; a probability samples patches over the whole
     field of view, that fraction centred on a labelled pixel (:class:`~seg_densenet.data.datasets.SliceDataset`).
     augment_margin: pixels of context around each training crop for augmentation, cropped off after it.
+    labelled_patients: ``N``: segmentation trains on the labels of only ``N`` training patients, spread over
+    the diagnosis groups (:func:`~seg_densenet.data.splits.labelled_subset`, listed as ``labelled`` in
+    ``split.json``); validation, test and the diagnosis classification keep every patient of their split.
     normalization, percentiles, target_spacing (in-plane mm), crop_size (training ``(H, W)``): see
     :class:`~seg_densenet.data.preprocess.Preprocessor`; validation/test volumes are not cropped.
     cache_dir: where preprocessed volumes are kept (:mod:`~seg_densenet.data.cache`).
@@ -67,6 +70,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         crop_jitter: int = 0,
         foreground_fraction: float | None = None,
         augment_margin: int = 0,
+        labelled_patients: int | None = None,
         cache_dir: str | Path = "data/cache",
         fold: int = 0,
         n_folds: int = 5,
@@ -108,6 +112,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.augment_margin: must be >= 0 pixels, got {augment_margin}")
         self.foreground_fraction = foreground_fraction
         self.augment_margin = int(augment_margin)
+        self.labelled_patients = labelled_patients
         self.cache_dir = Path(cache_dir)
         self.fold, self.n_folds, self.val_fraction, self.seed = fold, n_folds, val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -171,6 +176,13 @@ class SegmentationDataModule(pl.LightningDataModule):
                     errors.append((case_name, str(exc)))
                     continue
                 entries[split_name].extend(cached)
+        if self.labelled_patients is not None:
+            # label-scarce training: segmentations of only these patients; classification (diagnosis)
+            # still sees every training patient
+            labelled = labelled_subset(self.split["train"], {c.name: c.group for c in self.cases},
+                                       self.labelled_patients, self.seed)
+            self.split["labelled"] = labelled
+            entries["labelled"] = [e for e in entries["train"] if e.name.rpartition("_")[0] in set(labelled)]
         self.bad_cases = dict(errors)
         if errors:
             listing = "; ".join(f"{name}: {msg}" for name, msg in errors)
@@ -183,7 +195,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def train_dataset(self) -> SliceDataset:
         augment = WorkerSeededAugment(self.augmentation) if self.augmentation is not None else None
         return SliceDataset(
-            self.entries["train"], self.crop_size, augment, self.crop_jitter,
+            self.entries.get("labelled", self.entries["train"]), self.crop_size, augment, self.crop_jitter,
             foreground_fraction=self.foreground_fraction, augment_margin=self.augment_margin,
         )
 

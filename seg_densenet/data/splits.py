@@ -58,6 +58,20 @@ def make_split(
     }
 
 
+def labelled_subset(train: list[str], groups: dict[str, str | None], n: int, seed: int = 0) -> list[str]:
+    """``n`` of the ``train`` patients whose segmentations are used when labels are scarce, spread over the
+    diagnosis groups in proportion (systematic sampling over the stratum-ordered list, seeded).
+
+    The same ``(train, seed)`` gives the same patients, and a larger ``n`` keeps every patient of a
+    smaller one only by chance: each ``n`` is its own draw, as in a label-scarce study.
+    """
+    if not 1 <= n <= len(train):
+        raise ConfigError(f"data.labelled_patients={n}: must be between 1 and the {len(train)} training patients")
+    ordered = _stratified_order({name: groups.get(name) for name in train}, np.random.default_rng(seed + 1))
+    step = len(ordered) / n
+    return sorted(ordered[int(i * step)] for i in range(n))
+
+
 def _stratified_order(groups: dict[str, str | None], rng: np.random.Generator) -> list[str]:
     """Names grouped by stratum (sorted group names, unknown last), shuffled within each stratum."""
     strata: dict[str, list[str]] = {}
