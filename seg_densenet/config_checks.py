@@ -228,6 +228,7 @@ RULES: dict[str, list[Rule]] = {
         rule("precision", one_of("32", "bf16", "16")),
         rule("memory_budget_mb", number_above(0), nullable=True),
         rule("cine", BOOLEAN),
+        rule("backend", one_of("torch", "onnxruntime", "auto")),
         rule("cine_frames", pair_of(int_at_least(1)), nullable=True),
     ],
     "evaluate": [
@@ -244,6 +245,7 @@ RULES: dict[str, list[Rule]] = {
         rule("predict_options.postprocess", POSTPROCESS),
         rule("predict_options.batch_size", int_at_least(1)),
         rule("predict_options.mc_samples", int_at_least(0)),
+        rule("predict_options.backend", one_of("torch", "onnxruntime", "auto")),
         rule("predict_options.memory_budget_mb", number_above(0), nullable=True),
     ],
     "export": [

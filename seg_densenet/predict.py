@@ -434,17 +434,25 @@ def largest_connected_components(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_predictor(ckpt: str | Path, *, device: str = "auto", tta: bool | str = False,
+def build_predictor(ckpt: str | Path, *, device: str = "auto", tta: bool | str = False, backend: str = "torch",
                     **options) -> tuple[Predictor, dict]:
     """The :class:`Predictor` of a segmentation checkpoint (its network and training preprocessing)
     with ``options`` (see :class:`Predictor`); returns ``(predictor, checkpoint record)``.
 
     tta: false | true | d4 (see :func:`select_tta`), limited to what the checkpoint was trained with.
+    backend: torch | onnxruntime | auto (:mod:`seg_densenet.backends`).
     """
+    from seg_densenet.backends import OnnxRuntimeModel, cached_onnx, resolve_backend
+
     model, record = load_model(ckpt)
     if record.get("task") != "segment":
         raise SegDenseNetError(f"{ckpt}: a {record.get('task')} checkpoint, not a segmentation model")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    backend = resolve_backend(backend, device, str(options.get("precision", "32")), options.get("mc_samples", 0))
+    if backend == "onnxruntime":
+        model = OnnxRuntimeModel(cached_onnx(ckpt), min_size=getattr(model, "min_size", 1),
+                                 threads=torch.get_num_threads())
+        options["channels_last"] = False  # the graph takes NCHW arrays
     data_cfg = record.get("data") or {}
     predictor = Predictor(
         model, preprocessor_from_record(data_cfg), device=device,
@@ -467,7 +475,7 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
                  postprocess: str | None = None, mc_samples: int = 0, save_probs: bool = False,
                  device: str = "auto", precision: str = "32", batch_size: int = 16,
                  memory_budget_mb: float | None = None, channels_last: bool = True, cine: bool = False,
-                 cine_frames: Sequence[int] | None = None) -> list[Path]:
+                 cine_frames: Sequence[int] | None = None, backend: str = "torch") -> list[Path]:
     """Predict every image under ``input`` into ``output`` (mirroring the tree); returns the masks written.
 
     A 4D cine series ``(X, Y, Z, T)`` (given directly, or found in a tree with ``cine=True``) becomes a 4D
@@ -484,7 +492,7 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
     predictor, _ = build_predictor(
         ckpt, device=device, precision=precision, batch_size=batch_size, tta=tta, mc_samples=mc_samples,
         postprocess=postprocess, keep_probs=save_probs, memory_budget_mb=memory_budget_mb,
-        channels_last=channels_last,
+        channels_last=channels_last, backend=backend,
     )
     written = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -543,7 +551,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         predict_tree, cfg.ckpt, cfg.input, cfg.output, tta=cfg.tta, postprocess=cfg.postprocess,
         mc_samples=cfg.mc_samples, save_probs=cfg.save_probs, device=cfg.device, precision=str(cfg.precision),
         batch_size=cfg.batch_size, memory_budget_mb=cfg.memory_budget_mb, channels_last=cfg.channels_last,
-        cine=cfg.cine, cine_frames=cfg.cine_frames,
+        cine=cfg.cine, cine_frames=cfg.cine_frames, backend=cfg.backend,
     )
 
 

@@ -381,3 +381,23 @@ def test_evaluate_passes_tta_to_prediction(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         evaluate(cfg)
     assert seen["tta"] == "d4"
+
+
+def test_onnxruntime_backend_matches_torch_and_caches_its_export(trained_ckpt, synthetic_root, tmp_path):
+    from seg_densenet.backends import file_digest
+    from seg_densenet.predict import predict_tree
+
+    image = synthetic_root / "patient002" / "patient002_frame01.nii.gz"
+    outputs = {}
+    for backend in ("torch", "onnxruntime", "auto"):
+        out = tmp_path / backend
+        predict_tree(trained_ckpt, image, out, tta="d4", postprocess=None, save_probs=True, device="cpu",
+                     backend=backend)
+        outputs[backend] = (np.asarray(nib.load(out / "patient002_frame01_pred.nii.gz").dataobj),
+                            np.asarray(nib.load(out / "patient002_frame01_probs.nii.gz").dataobj))
+    export = trained_ckpt.with_name(f"{trained_ckpt.name}.{file_digest(trained_ckpt)[:16]}.onnx")
+    assert export.is_file()
+    (labels, probs), (ort_labels, ort_probs) = outputs["torch"], outputs["onnxruntime"]
+    assert np.mean(labels == ort_labels) >= 0.999
+    np.testing.assert_allclose(ort_probs, probs, atol=1e-4)
+    np.testing.assert_array_equal(outputs["auto"][0], ort_labels)  # auto: onnxruntime on a CPU in fp32
