@@ -11,7 +11,8 @@ Groups, each interleaved in one process run:
   killed after ``compile_timeout_s`` (compiling on a CPU takes minutes and may fail); the compile time
   is reported apart and excluded from the throughput.
 * ``volume``: :class:`seg_densenet.predict.Predictor` on one ``(X, Y, Z)`` volume (preprocessing,
-  network, inverse mapping; no TTA, model already loaded), eager and channels_last.
+  network, inverse mapping; no TTA, model already loaded), eager, channels_last and, on a CPU with
+  onnxruntime installed, the ONNX export run by ONNX Runtime (``predict backend=onnxruntime``).
 
 ``python -m benchmarks.inference compile '<json>'`` is the child's entry point (used by the suite).
 """
@@ -19,12 +20,15 @@ Groups, each interleaved in one process run:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -198,11 +202,14 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
                     f"predicted {predicted:.0f} s per volume from its slices/s > {plan.volume_max_call_s:.0f} s"
                 )
                 continue
-        for variant in ("eager", "channels_last"):
-            net = build(name, device)  # same seed: both variants hold the same weights
-            if variant == "channels_last":
-                net = net.to(memory_format=torch.channels_last)
-            predictor = Predictor(net, preprocessor, device=str(device), batch_size=n_slices)
+        for variant in ("eager", "channels_last", "onnxruntime"):
+            net = build(name, device)  # same seed: every variant holds the same weights
+            if variant == "onnxruntime":
+                if device.type != "cpu" or importlib.util.find_spec("onnxruntime") is None:
+                    continue
+                net = _onnxruntime_model(net, (x_size, y_size))
+            predictor = Predictor(net, preprocessor, device=str(device), batch_size=n_slices,
+                                  channels_last=variant == "channels_last")
             calls[f"{name} {variant}"] = lambda p=predictor: p.predict(volume)
     settings = {c: {"volume_shape": list(plan.volume_shape), "tta": False} for c in calls}
     results = summaries(
@@ -219,6 +226,16 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
     for name, reason in skipped.items():
         results[name] = {"status": "skipped", "reason": reason, "volume_shape": list(plan.volume_shape)}
     return results
+
+
+def _onnxruntime_model(net: nn.Module, image_size: tuple[int, int]) -> nn.Module:
+    """``net`` exported to ONNX (dynamic size, as ``predict backend=onnxruntime`` does) and run by ONNX Runtime."""
+    from seg_densenet.backends import OnnxRuntimeModel
+    from seg_densenet.export import write_onnx
+
+    path = Path(tempfile.mkdtemp(prefix="bench-onnx-")) / "model.onnx"
+    write_onnx(net.eval(), path, 1, image_size)
+    return OnnxRuntimeModel(path, min_size=getattr(net, "min_size", 1), threads=torch.get_num_threads())
 
 
 def compile_group(plan: InferPlan, device: torch.device, threads: int) -> dict:

@@ -46,6 +46,26 @@ def check_sizes(image_size: tuple[int, int], dynamic_size: bool, model_name: str
     return shapes
 
 
+def write_onnx(model: torch.nn.Module, path: str | Path, in_channels: int, image_size=(224, 224), *,
+               opset: int = 18, dynamic_size: bool = True) -> None:
+    """Export ``model`` (eval mode) to ONNX at ``path``: input ``image`` ``(B, C, H, W)``, output ``logits``,
+    a dynamic batch and, with ``dynamic_size``, a dynamic height and width."""
+    # batch 2: an example of size 1 would be specialised by the exporter
+    example = torch.randn(2, in_channels, *(int(n) for n in image_size))
+    if dynamic_size:
+        axes = {0: "batch", 2: "height", 3: "width"}
+        torch.onnx.export(
+            model, (example,), str(path), input_names=["image"], output_names=["logits"],
+            opset_version=opset, dynamo=False, dynamic_axes={"image": axes, "logits": axes},
+        )
+    else:
+        torch.onnx.export(
+            model, (example,), str(path), input_names=["image"], output_names=["logits"],
+            opset_version=opset, dynamo=True, external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
+        )
+
+
 def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, image_size=(224, 224),
                 dynamic_size: bool = True, tolerance: float = 1e-4) -> float:
     """Write ``output`` (ONNX) from a segmentation checkpoint; returns the checked max |difference|."""
@@ -58,21 +78,8 @@ def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, image_
     model.eval()
     in_channels = int(record["model"].get("in_channels", 1))
     height, width = (int(n) for n in image_size)
-    # batch 2: an example of size 1 would be specialised by the exporter
-    example = torch.randn(2, in_channels, height, width)
     with atomic_path(output) as tmp:
-        if dynamic_size:
-            axes = {0: "batch", 2: "height", 3: "width"}
-            torch.onnx.export(
-                model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                opset_version=opset, dynamo=False, dynamic_axes={"image": axes, "logits": axes},
-            )
-        else:
-            torch.onnx.export(
-                model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                opset_version=opset, dynamo=True, external_data=False,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
-            )
+        write_onnx(model, tmp, in_channels, (height, width), opset=opset, dynamic_size=dynamic_size)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         diff = 0.0
         generator = torch.Generator().manual_seed(0)
