@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 
 from seg_densenet.checkpoint import safe_torch_load
 from seg_densenet.config import REPO_ROOT
@@ -270,3 +271,27 @@ def test_two_predictions_write_one_output_tree(trained_ckpt, synthetic_root, tmp
     assert len(preds) == len(images) and not leftovers(out)
     for pred in preds:
         assert np.asarray(nib.load(pred).dataobj).dtype == np.uint8
+
+
+class RemoveFolder(pl.Callback):
+    """Removes ``folder`` when the second training epoch starts (a data folder vanishing mid-run)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            shutil.rmtree(self.folder)
+
+
+def test_data_folder_removed_during_training_does_not_stop_it(compose_cfg, synthetic_root, tmp_path):
+    from seg_densenet.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    cfg = compose_cfg([*quick_overrides(tmp_path, data), "task=segment", "trainer.max_epochs=2",
+                       "+callbacks.remove_data._target_=tests.test_machine_faults.RemoveFolder",
+                       f"+callbacks.remove_data.folder={data}"])
+    metrics = train(cfg)  # after setup, training reads only the cache
+    assert not data.exists()
+    assert "test/dice" in metrics and (tmp_path / "run" / "summary.json").is_file()
