@@ -112,6 +112,19 @@ def test_a_read_only_output_folder_is_refused(compose_app, tmp_path):
         _unmount(readonly)
 
 
+def test_a_read_only_run_folder_is_one_line_before_hydra_makes_it(tmp_path):
+    readonly = _readonly_mount(tmp_path / "ro")
+    try:
+        proc = run_cli(["-m", "seg_densenet.train", "experiment=synthetic_quick", f"hydra.run.dir={readonly}/run"],
+                       timeout=120)
+    finally:
+        _unmount(readonly)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: hydra.run.dir={readonly}/run: must be a folder this user can create or write into "
+                     "(choose another hydra.run.dir=)"], proc.stderr[-2000:]
+
+
 def _readonly_mount(path: Path) -> Path:
     """A read-only tmpfs at ``path`` (root only; the test is skipped where mounting is not allowed)."""
     import subprocess

@@ -70,6 +70,21 @@ def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         fail(str(err))
 
 
+def _check_run_dir(argv: list[str]) -> None:
+    """The training run's folder (``hydra.run.dir=``, default ``outputs/``) can be created or written:
+    Hydra makes it before any of the project's code runs, and fails there with a traceback."""
+    from seg_densenet.config_checks import bad_option, writable_folder
+
+    key, value = "hydra.run.dir", "outputs"
+    for arg in argv:
+        name, _, given = arg.partition("=")
+        if name in ("hydra.run.dir", "hydra.sweep.dir"):
+            key, value = name, given
+    check, allowed = writable_folder()
+    if not check(value):
+        fail(str(bad_option(key, value, allowed.replace("output=", f"{key}="))))
+
+
 def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
     """Compose the config with the command line's overrides once before Hydra runs, so that a typo, an
     unknown option or a bad value (:func:`seg_densenet.config_checks.validate`) is reported on one line
@@ -96,6 +111,8 @@ def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
         if missing:
             fail(f"missing required setting(s): {', '.join(f'{k}=...' for k in missing)}")
         run_cli(validate, config_name, cfg)
+        if config_name == "config":
+            _check_run_dir(argv)
     except (HydraException, OmegaConfBaseException) as exc:
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         text = text.split(" Config search path")[0]  # Hydra's search-path dump says nothing about the error
