@@ -111,17 +111,17 @@ def _writable(path: Path) -> bool:
     return False
 
 
-def writable_folder() -> tuple[Check, str]:
+def writable_folder(option: str = "output=") -> tuple[Check, str]:
     return (
         (lambda v: isinstance(v, str) and not Path(v).is_file() and _writable(Path(v))),
-        "a folder this user can create or write into (choose another output=)",
+        f"a folder this user can create or write into (choose another {option})",
     )
 
 
-def writable_file() -> tuple[Check, str]:
+def writable_file(option: str = "output=") -> tuple[Check, str]:
     return (
         (lambda v: isinstance(v, str) and not Path(v).is_dir() and _writable(Path(v).parent)),
-        "a file path in a folder this user can write into (choose another output=)",
+        f"a file path in a folder this user can write into (choose another {option})",
     )
 
 

@@ -299,9 +299,9 @@ def _case_strips(frames: list[FramePair], labels: dict[str, int]) -> dict[str, b
         phases = {}
         for frame in sorted((f for f in frames if f.case == case), key=lambda f: PHASES.index(f.phase)
                             if f.phase in PHASES else len(PHASES)):
-            gt_vol, pred_vol = _load_pair(frame, labels)
             if not frame.image_path.is_file():
                 continue
+            gt_vol, pred_vol = _load_pair(frame, labels)
             image = load_volume(frame.image_path).data
             if image.shape == gt_vol.shape:
                 phases[frame.phase or frame.stem] = (image, gt_vol.data, pred_vol.data)

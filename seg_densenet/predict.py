@@ -501,7 +501,7 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
             volume = load_volume(src, allow_4d=True)
             stem = nifti_stem(target)[: -len("_pred")]
             if volume.data.ndim == 4:
-                written.append(_predict_cine(predictor, volume, target, cine_frames, progress))
+                written.append(_predict_cine(predictor, volume, target, target.with_name(stem), cine_frames, progress))
                 continue
             task = progress.add_task(f"{src.name}", total=volume.shape[slice_axis(volume)])
             result = predictor.predict(volume, progress, task)
@@ -515,9 +515,10 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
     return written
 
 
-def _predict_cine(predictor: Predictor, volume: Volume, target: Path, cine_frames: Sequence[int] | None,
-                  progress: Progress) -> Path:
-    """Segment every frame of a 4D series into a 4D mask and write its cycle reports beside it."""
+def _predict_cine(predictor: Predictor, volume: Volume, target: Path, stem: Path,
+                  cine_frames: Sequence[int] | None, progress: Progress) -> Path:
+    """Segment every frame of a 4D series into ``target`` (a 4D mask) and its cycle reports into
+    ``<stem>_volumes.csv`` etc. beside it."""
     from seg_densenet import cine
 
     n_frames = volume.data.shape[3]
@@ -528,7 +529,7 @@ def _predict_cine(predictor: Predictor, volume: Volume, target: Path, cine_frame
     curves = cine.volume_curves(labels, volume.spacing)
     ed, es = cine.ed_es_frames(curves["LV"], cine_frames)
     summary = cine.cycle_summary(curves, ed, es, named=cine_frames is not None)
-    cine.write_cycle_reports(target.with_name(nifti_stem(target)[: -len("_pred")]), curves, summary)
+    cine.write_cycle_reports(stem, curves, summary)
     log.info("%s: %d frames, ED frame %d, ES frame %d (%s), LVEF %.1f %%, RVEF %.1f %%", volume.path, n_frames,
              summary["ED_frame"], summary["ES_frame"], summary["chosen_by"], summary["LV_EF_pct"], summary["RV_EF_pct"])
     return target

@@ -27,7 +27,7 @@ from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.classification import ClassificationModule
 from seg_densenet.lit.segmentation import SegmentationModule
 from seg_densenet.models.dense_unet import ENCODER_ARCHITECTURE
-from seg_densenet.utils.atomic import atomic_path, atomic_write_text
+from seg_densenet.utils.atomic import atomic_write_text
 from seg_densenet.utils.cli import check_overrides, run_cli
 from seg_densenet.utils.ddp import patch_lightning_hydra_launcher, release_ddp_children
 
@@ -172,10 +172,11 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
 
 def _record_test_metrics(path: Path, metrics: dict[str, float]) -> None:
     """Add the test metrics to the best checkpoint's record (``python -m seg_densenet.info`` shows them)."""
+    from seg_densenet.lit.checkpoint_io import AtomicCheckpointIO
+
     checkpoint = safe_torch_load(path)
     checkpoint.setdefault("seg_densenet", {})["test_metrics"] = metrics
-    with atomic_path(path, option="hydra.run.dir=") as tmp:
-        torch.save(checkpoint, tmp)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
 
 
 def command_line() -> str | None:

@@ -24,7 +24,7 @@ def user_error(exc: BaseException) -> SegDenseNetError | None:
     """The :class:`SegDenseNetError` behind ``exc`` (Hydra's instantiate wraps errors it calls into),
     or a :class:`~seg_densenet.errors.StorageError` for a write the machine refused outside the
     project's own writers (a logger's file on a full disk)."""
-    from seg_densenet.utils.atomic import storage_error
+    from seg_densenet.utils.atomic import DISK_FULL, NOT_WRITABLE, storage_error
 
     chain = []
     while exc is not None and all(exc is not seen for seen in chain):
@@ -37,7 +37,7 @@ def user_error(exc: BaseException) -> SegDenseNetError | None:
             refused = storage_error(exc, exc.filename, option="output folder")
             if refused is not None:
                 return refused
-        elif isinstance(exc, OSError) and exc.errno is not None and storage_error(exc, ".") is not None:
+        elif isinstance(exc, OSError) and exc.errno in (*DISK_FULL, *NOT_WRITABLE):
             # a failed write() names no file: say what the machine refused and where to look
             return StorageError(f"writing an output failed: {exc.strerror}: free space on the output's disk or "
                                 "choose another output folder")
@@ -80,9 +80,9 @@ def _check_run_dir(argv: list[str]) -> None:
         name, _, given = arg.partition("=")
         if name in ("hydra.run.dir", "hydra.sweep.dir"):
             key, value = name, given
-    check, allowed = writable_folder()
+    check, allowed = writable_folder(option=f"{key}=")
     if not check(value):
-        fail(str(bad_option(key, value, allowed.replace("output=", f"{key}="))))
+        fail(str(bad_option(key, value, allowed)))
 
 
 def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
