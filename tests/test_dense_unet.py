@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torchvision
 
 from seg_densenet.errors import CheckpointError, ConfigError
 from seg_densenet.models import DenseUNet, build_densenet, smp_unet
+from seg_densenet.models.unet_decoder import UNetDecoder
 
 SMALL = {"growth_rate": 4, "block_config": [1, 2, 2, 1], "num_init_features": 8}
 
@@ -132,6 +135,37 @@ def test_smp_unet_loads_the_same_encoder_file(tmp_path):
         torch.testing.assert_close(loaded[key], expected, rtol=0, atol=0, msg=key)
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_unet_decoder_loads_smp_unet_decoder_weights_and_gives_its_output():
+    from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+
+    torch.manual_seed(0)
+    channels = [8, 12, 16, 20, 24]  # encoder taps at strides 2..32
+    reference = UnetDecoder(encoder_channels=[1, *channels], decoder_channels=[20, 16, 12, 8, 4], n_blocks=5)
+    ours = UNetDecoder(channels, decoder_channels=[20, 16, 12, 8, 4])
+    ours.load_state_dict(reference.state_dict(), strict=True)  # same keys and shapes
+    size = (70, 90)  # not a multiple of 32: the stages resize to each skip's exact size
+    sizes = [size, (35, 45), (18, 23), (9, 12), (5, 6), (3, 3)]
+    features = [torch.randn(2, c, *hw) for c, hw in zip([1, *channels], sizes)]
+    for mode in (ours.train, ours.eval):
+        mode(), reference.train(ours.training)
+        torch.testing.assert_close(ours(features[1:], size), reference(features))
+
+
+@pytest.mark.parametrize("input_skip, size", [(False, (64, 64)), (True, (97, 131))])
+def test_dense_unet_takes_another_decoder_through_its_seam(input_skip, size):
+    torch.manual_seed(0)
+    model = small(decoder=partial(UNetDecoder, decoder_channels=[16, 12, 8, 8, 4]), input_skip=input_skip)
+    assert isinstance(model.decoder, UNetDecoder) and model.decoder.input_skip == input_skip
+    assert model.head.conv.in_channels == 4
+    x = torch.randn(2, 1, *size, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 4, *size)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ConfigError, match="decoder_channels needs 5 entries"):
+        small(decoder=partial(UNetDecoder, decoder_channels=[16, 8]))
 
 
 def test_memory_efficient_mode_gives_identical_outputs_and_gradients():

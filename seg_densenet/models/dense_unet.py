@@ -1,5 +1,8 @@
 """DenseUNet: this project's DenseNet classifier as a U-Net encoder with an FC-DenseNet-style decoder.
 
+The model wires three parts: encoder, decoder, head. Another decoder plugs in through ``decoder=`` (one
+module and one model yaml: :mod:`seg_densenet.models.unet_decoder` and ``conf/model/densenet_unet.yaml``).
+
 Encoder: :class:`DenseNetEncoder` is the classifier's feature extractor (same ``features.*`` keys, no
 classifier), so a torchvision DenseNet file or a classification checkpoint of this project loads into it.
 It returns five maps at strides 2, 4, 8, 16, 32 (DenseNet-121: 64, 256, 512, 1024, 1024 channels): after
@@ -15,7 +18,7 @@ Head: :class:`SegmentationHead`, BN-ReLU-1x1 conv to logits at the input's H and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +29,7 @@ from seg_densenet.models.layers import (
     BilinearUp,
     DenseBlock,
     TransposedUp,
+    decoder_stages,
     init_weights,
     padded_forward,
     set_mc_dropout,
@@ -152,9 +156,8 @@ class DenseDecoder(nn.Module):
         if self.input_skip and image is None:
             raise ValueError("this decoder concatenates the input image at full resolution: pass image=")
         x = features[-1]
-        targets = [f.shape[-2:] for f in reversed(features[:-1])] + [size]
-        skips = [*reversed(features[:-1]), image if self.input_skip else None]
-        for up, block, target, skip in zip(self.ups, self.blocks, targets, skips):
+        stages = decoder_stages(features, size, image if self.input_skip else None)
+        for up, block, (target, skip) in zip(self.ups, self.blocks, stages):
             x = up(x, target)
             x = block(x if skip is None else torch.cat([x, skip], 1))
         return x
@@ -199,6 +202,12 @@ class DenseUNet(nn.Module):
         mc_dropout: keep the decoder's dropout active in eval mode (Monte-Carlo dropout).
         input_skip: concatenate the input image to the decoder's full-resolution stage (a U-Net's
             first skip), which sharpens boundaries at little cost; give that stage at least one layer.
+        decoder: another decoder instead of the dense one: a factory (in config, a ``_partial_: true``
+            node whose ``_target_`` is the decoder class, e.g. :class:`~seg_densenet.models.unet_decoder.
+            UNetDecoder`) called with ``encoder_channels`` and ``input_channels``, returning a module with
+            ``out_channels`` whose ``forward(features, size, image)`` gives ``(B, out_channels, H, W)``.
+            ``None``: the dense decoder of ``decoder_layers``, ``decoder_growth_rate``, ``upsample`` and
+            ``drop_rate``, which are then unused.
 
     Forward: ``(B, in_channels, H, W)`` float -> logits ``(B, num_classes, H, W)``, any H, W >= 32. The
     input is reflect-padded to multiples of 32 (the encoder's stride) and the logits cropped back, so
@@ -228,20 +237,25 @@ class DenseUNet(nn.Module):
         memory_efficient: bool = False,
         mc_dropout: bool = False,
         input_skip: bool = False,
+        decoder: Callable[..., nn.Module] | None = None,
     ) -> None:
         super().__init__()
         named = dict(zip(ENCODER_ARCHITECTURE, (growth_rate, block_config, num_init_features, bn_size)))
         overrides = {**dict(encoder_params or {}), **{k: v for k, v in named.items() if v is not None}}
         self.encoder = DenseNetEncoder(encoder, in_channels, encoder_weights, memory_efficient, **overrides)
-        self.decoder = DenseDecoder(
-            self.encoder.feature_channels,
-            decoder_layers,
-            decoder_growth_rate,
-            upsample,
-            drop_rate,
-            memory_efficient,
-            in_channels if input_skip else 0,
-        )
+        input_channels = in_channels if input_skip else 0
+        if decoder is None:
+            self.decoder = DenseDecoder(
+                self.encoder.feature_channels,
+                decoder_layers,
+                decoder_growth_rate,
+                upsample,
+                drop_rate,
+                memory_efficient,
+                input_channels,
+            )
+        else:
+            self.decoder = decoder(encoder_channels=self.encoder.feature_channels, input_channels=input_channels)
         self.head = SegmentationHead(self.decoder.out_channels, num_classes)
         init_weights(self.decoder)
         init_weights(self.head)

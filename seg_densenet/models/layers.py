@@ -186,3 +186,12 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def decoder_stages(features: list[Tensor], size, image: Tensor | None) -> list[tuple[torch.Size, Tensor | None]]:
+    """A U-Net decoder's (target size, skip) per stage, deep to shallow: each encoder tap but the
+    bottleneck (``features[-1]``) at its own size, then the full-resolution stage at ``size`` with
+    ``image`` (or ``None``) as its skip."""
+    skips = [*reversed(features[:-1]), image]
+    targets = [f.shape[-2:] for f in reversed(features[:-1])] + [torch.Size(size)]
+    return list(zip(targets, skips))
