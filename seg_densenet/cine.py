@@ -12,17 +12,15 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from seg_densenet.data.nifti import Volume
 from seg_densenet.errors import ConfigError
-from seg_densenet.evaluation.clinical import ACDC_LABELS, indices_from_volumes, structure_volumes_ml
+from seg_densenet.evaluation.clinical import indices_from_volumes, structure_volumes_ml
 from seg_densenet.utils.atomic import atomic_path, atomic_write_text
-
-STRUCTURES = tuple(ACDC_LABELS)  # RV, MYO, LV
 
 
 def frame(volume: Volume, t: int) -> Volume:
@@ -30,10 +28,14 @@ def frame(volume: Volume, t: int) -> Volume:
     return dataclasses.replace(volume, data=np.ascontiguousarray(volume.data[..., t]))
 
 
-def volume_curves(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, np.ndarray]:
-    """``{structure: (T,) ml}`` of a 4D label map ``(X, Y, Z, T)`` with voxel ``spacing`` (mm)."""
-    per_frame = [structure_volumes_ml(labels[..., t], spacing[:3]) for t in range(labels.shape[-1])]
-    return {name: np.array([v[name] for v in per_frame]) for name in STRUCTURES}
+def volume_curves(labels: np.ndarray, spacing: Sequence[float], structures: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """``{structure: (T,) ml}`` of a 4D label map ``(X, Y, Z, T)`` with voxel ``spacing`` (mm);
+    ``structures``: name -> class value (the checkpoint's label set, which must have an ``LV``: ED and ES
+    come from its curve)."""
+    if "LV" not in structures:
+        raise ConfigError(f"cine: ED and ES come from the LV cavity's volume curve; the model's labels {list(structures)} have no LV")
+    per_frame = [structure_volumes_ml(labels[..., t], spacing[:3], structures) for t in range(labels.shape[-1])]
+    return {name: np.array([v[name] for v in per_frame]) for name in structures}
 
 
 def ed_es_frames(lv_ml: np.ndarray, named: Sequence[int] | None = None) -> tuple[int, int]:
@@ -61,10 +63,10 @@ def write_cycle_reports(stem_path: Path, curves: dict[str, np.ndarray], summary:
     csv_path = stem_path.with_name(stem_path.name + "_volumes.csv")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["frame", *(f"{name}_ml" for name in STRUCTURES), "phase"])
+    writer.writerow(["frame", *(f"{name}_ml" for name in curves), "phase"])
     for t in range(summary["frames"]):
         phase = "ED" if t + 1 == summary["ED_frame"] else "ES" if t + 1 == summary["ES_frame"] else ""
-        writer.writerow([t + 1, *(f"{curves[name][t]:.3f}" for name in STRUCTURES), phase])
+        writer.writerow([t + 1, *(f"{curve[t]:.3f}" for curve in curves.values()), phase])
     atomic_write_text(csv_path, buffer.getvalue())
     json_path = stem_path.with_name(stem_path.name + "_cine.json")
     atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
@@ -82,12 +84,14 @@ def _plot(path: Path, curves: dict[str, np.ndarray], summary: dict) -> None:
     frames = np.arange(1, summary["frames"] + 1)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, colour in (("LV", "tab:red"), ("RV", "tab:blue")):
-        ax.plot(frames, curves[name], marker="o", ms=3, color=colour, label=f"{name} cavity")
+        if name in curves:
+            ax.plot(frames, curves[name], marker="o", ms=3, color=colour, label=f"{name} cavity")
     for key, style in (("ED_frame", "--"), ("ES_frame", ":")):
         ax.axvline(summary[key], color="black", ls=style, lw=1, label=f"{key[:2]} (frame {summary[key]})")
     ax.set_xlabel("frame")
     ax.set_ylabel("volume (ml)")
-    ax.set_title(f"LVEF {summary['LV_EF_pct']:.1f} %, RVEF {summary['RV_EF_pct']:.1f} %")
+    ax.set_title(", ".join(f"{name}EF {summary[f'{name}_EF_pct']:.1f} %" for name in ("LV", "RV")
+                           if f"{name}_EF_pct" in summary))
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

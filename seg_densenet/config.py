@@ -19,11 +19,16 @@ def first_existing(*paths: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``${sd.repo_root:}`` and ``${sd.first_existing:a,b,...}`` (idempotent)."""
+    """Register ``${sd.repo_root:}``, ``${sd.first_existing:a,b,...}`` and ``${sd.num_classes:labels}``
+    (idempotent)."""
     if not OmegaConf.has_resolver("sd.repo_root"):
         OmegaConf.register_new_resolver("sd.repo_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("sd.first_existing"):
         OmegaConf.register_new_resolver("sd.first_existing", first_existing)
+    if not OmegaConf.has_resolver("sd.num_classes"):
+        from seg_densenet.data.labels import num_classes
+
+        OmegaConf.register_new_resolver("sd.num_classes", num_classes)
 
 
 register_resolvers()

@@ -132,6 +132,32 @@ def _device(v: Any) -> bool:
 DEVICE = (_device, "auto, cpu, cuda or cuda:N")
 WEIGHTS = ((lambda v: v == "imagenet" or existing_file()[0](v)), "imagenet or an existing file")
 TTA = one_of(False, True, "d4")
+
+
+def _label_set(v: Any) -> bool:
+    from seg_densenet.data.labels import LabelSet
+
+    try:
+        LabelSet.from_config(v)
+    except ConfigError:
+        return False
+    return isinstance(v, list | tuple | ListConfig)
+
+
+def _int_map(check_key: Check, check_value: Check) -> Check:
+    return lambda v: isinstance(v, Mapping) and bool(v) and all(check_key(k) and check_value(x) for k, x in v.items())
+
+
+STRUCTURES = (_label_set, "a list of distinct structure names in class-value order, e.g. [RV, MYO, LV]")
+LABEL_VALUES = (
+    (lambda v: _int_map(lambda k: isinstance(k, str), lambda x: _is_int(x) and x > 0)(v)
+     and len(set(v.values())) == len(v)),
+    "structure names mapped to distinct label values > 0, e.g. {RV: 1, MYO: 2, LV: 3}",
+)
+LABEL_MAPPING = (
+    _int_map(lambda k: _is_int(k) and k >= 0, lambda x: _is_int(x) and x >= 0),
+    "a mapping of label values in the files to class values, e.g. {0: 0, 1: 3, 2: 2, 3: 1}",
+)
 POSTPROCESS = one_of(None, "none", "lcc")
 
 
@@ -156,6 +182,8 @@ _DATA = [
     rule("data.fold", int_at_least(0)),
     rule("data.val_fraction", number_in(0, 1, high_open=True)),
     rule("data.in_channels", int_at_least(1)),
+    rule("data.structures", STRUCTURES),
+    rule("data.label_mapping", LABEL_MAPPING, nullable=True),
     rule("data.num_classes", int_at_least(2), nullable=True),
     rule("data.synthetic.patients", int_at_least(1)),
     rule("data.pin_memory", BOOLEAN),
@@ -241,6 +269,8 @@ RULES: dict[str, list[Rule]] = {
         rule("subset", one_of("train", "val", "test")),
         rule("allow_missing", BOOLEAN),
         rule("plots", BOOLEAN),
+        rule("labels", LABEL_VALUES, nullable=True),
+        rule("label_mapping", LABEL_MAPPING, nullable=True),
         rule("predict_options.tta", TTA),
         rule("predict_options.postprocess", POSTPROCESS),
         rule("predict_options.batch_size", int_at_least(1)),

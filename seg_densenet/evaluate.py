@@ -5,9 +5,9 @@ Usage::
     python -m seg_densenet.evaluate pred=DIR gt=DIR output=DIR [allow_missing=true] [plots=false]
     python -m seg_densenet.evaluate ckpt=FILE input=DIR output=DIR  # predict into OUTPUT/predictions
 
-Per frame and structure (RV, MYO, LV) at ED and ES: Dice, IoU, HD, HD95 and ASSD in mm (3D, in the
-ground truth's header spacing); per patient: volumes, ejection fractions and myocardial mass from
-the ED/ES pair, for ground truth and prediction, and their agreement. See
+Per frame and structure (``labels``; ACDC: RV, MYO, LV) at ED and ES: Dice, IoU, HD, HD95 and ASSD in mm
+(3D, in the ground truth's header spacing); per patient: the volumes, ejection fractions and myocardial
+mass that the structures allow, from the ED/ES pair, for ground truth and prediction, and their agreement. See
 :mod:`seg_densenet.evaluation` for the definitions and ``conf/evaluate.yaml`` for the settings.
 """
 
@@ -26,12 +26,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from seg_densenet.data.acdc import map_labels
+from seg_densenet.data.labels import ACDC_STRUCTURES, PHASES, LabelSet, indices_for
 from seg_densenet.data.nifti import Volume, check_label_values, load_volume
 from seg_densenet.data.splits import split_patients
 from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
 from seg_densenet.evaluation import report
-from seg_densenet.evaluation.cases import PHASES, FramePair, find_frames
-from seg_densenet.evaluation.clinical import ACDC_LABELS, indices_from_volumes, structure_volumes_ml
+from seg_densenet.evaluation.cases import FramePair, find_frames
+from seg_densenet.evaluation.clinical import indices_from_volumes, structure_volumes_ml
 from seg_densenet.evaluation.html_report import write_html_report
 from seg_densenet.evaluation.metrics import label_metrics
 from seg_densenet.utils.atomic import refuse_overwrite_of_inputs
@@ -47,18 +49,24 @@ def evaluate_folders(
     pred: str | Path,
     gt: str | Path,
     output: str | Path,
-    labels: Mapping[str, int] = ACDC_LABELS,
+    labels: Mapping[str, int] = ACDC_STRUCTURES,
     allow_missing: bool = False,
     make_plots: bool = True,
     console: Console | None = None,
+    label_mapping: Mapping[int, int] | None = None,
 ) -> dict:
     """Evaluate every ground-truth frame under ``gt`` against its prediction under ``pred``.
+
+    labels: structure name -> label value in the predictions (and in the ground truth once mapped);
+    label_mapping: ground-truth value -> prediction value for ground truth coded otherwise (M&Ms:
+    ``{0: 0, 1: 3, 2: 2, 3: 1}`` against ACDC-coded predictions); ``None``: both coded alike.
 
     Writes ``metrics.csv``, ``clinical.csv``, ``summary.json``, ``summary.md`` (and PNG plots) into
     ``output`` and returns the ``summary.json`` dict. Raises :class:`DataError` for bad input.
     """
     pred, gt, output = (Path(p).expanduser() for p in (pred, gt, output))
     labels = _check_labels(labels)
+    mapping = _check_label_mapping(label_mapping, labels)
     err = console or Console(stderr=True)
     warnings: list[str] = []
 
@@ -79,7 +87,7 @@ def evaluate_folders(
         task = progress.add_task("", total=len(frames))
         for frame in frames:
             progress.update(task, description=frame.stem)
-            gt_vol, pred_vol = _load_pair(frame, labels)
+            gt_vol, pred_vol = _load_pair(frame, labels, mapping)
             per_structure = label_metrics(pred_vol.data, gt_vol.data, gt_vol.spacing, labels)
             for structure, values in per_structure.items():
                 metric_rows.append(
@@ -103,15 +111,15 @@ def evaluate_folders(
     summary = report.summary_json(stats)
     output.mkdir(parents=True, exist_ok=True)
     report.write_csv(output / "metrics.csv", metric_rows, report.METRIC_COLUMNS)
-    report.write_csv(output / "clinical.csv", clinical_rows, report.CLINICAL_COLUMNS)
+    report.write_csv(output / "clinical.csv", clinical_rows, report.clinical_columns(labels))
     report.write_json(output / "summary.json", summary)
     sources = {"gt": str(gt), "pred": str(pred)}
     markdown = report.summary_markdown(stats, len(frames), sources, warnings)
     report.write_markdown(output / "summary.md", markdown)
     strips, figures = {}, {}
     if make_plots:
-        _write_plots(output, frames, metric_rows, clinical_rows, labels, warn)
-        strips = _case_strips(frames, labels)
+        _write_plots(output, frames, metric_rows, clinical_rows, labels, mapping, warn)
+        strips = _case_strips(frames, labels, mapping)
         figures = {png.stem.replace("_", " "): png.read_bytes() for png in sorted(output.glob("*.png"))
                    if not png.name.startswith("overlay_")}
     write_html_report(output / "report.html", markdown, metric_rows, clinical_rows, list(labels), strips, figures)
@@ -152,8 +160,21 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError("pred: set pred=DIR (predictions) or ckpt=FILE input=DIR (predict, then evaluate)")
     if gt is None:
         raise ConfigError("gt: set gt=DIR, the ACDC-layout ground truth (<case>/<stem>_gt.nii.gz)")
-    labels = OmegaConf.to_container(cfg.labels, resolve=True)
-    return evaluate_folders(pred, gt, output, labels, bool(cfg.allow_missing), bool(cfg.plots))
+    labels, mapping = _labels_and_mapping(cfg)
+    return evaluate_folders(pred, gt, output, labels, bool(cfg.allow_missing), bool(cfg.plots), label_mapping=mapping)
+
+
+def _labels_and_mapping(cfg: DictConfig) -> tuple[dict[str, int], dict[int, int] | None]:
+    """``labels`` and ``label_mapping`` as set, else the checkpoint's (with ``ckpt=``), else ACDC's and none."""
+    labels = OmegaConf.to_container(cfg.labels, resolve=True) if cfg.labels is not None else None
+    mapping = OmegaConf.to_container(cfg.label_mapping, resolve=True) if cfg.label_mapping is not None else None
+    if cfg.ckpt is not None:
+        from seg_densenet.checkpoint import read_checkpoint
+
+        record = read_checkpoint(cfg.ckpt)["seg_densenet"]
+        labels = labels if labels is not None else LabelSet.from_record(record).structures
+        mapping = mapping if mapping is not None else (record.get("data") or {}).get("label_mapping")
+    return (labels if labels is not None else dict(ACDC_STRUCTURES)), mapping
 
 
 def _link_cases(root: Path, patients: set[str], dest: Path) -> Path:
@@ -196,15 +217,23 @@ def main() -> None:
 
 
 def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
-    names = {"RV", "MYO", "LV"}
-    if not isinstance(labels, Mapping) or set(labels) != names:
-        raise ConfigError(
-            f"labels: expected the structures {sorted(names)} mapped to label values, got {labels}"
-        )
+    if not isinstance(labels, Mapping) or not labels:
+        raise ConfigError(f"labels: expected structure names mapped to label values, e.g. {ACDC_STRUCTURES}, got {labels}")
     values = list(labels.values())
-    if not all(isinstance(v, int) and v > 0 for v in values) or len(set(values)) != len(values):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) or len(set(values)) != len(values):
         raise ConfigError(f"labels: label values must be distinct positive integers, got {dict(labels)}")
-    return dict(labels)
+    return {str(k): int(v) for k, v in labels.items()}
+
+
+def _check_label_mapping(mapping: Mapping | None, labels: Mapping[str, int]) -> dict[int, int] | None:
+    if mapping is None:
+        return None
+    if not isinstance(mapping, Mapping) or not all(isinstance(k, int) and isinstance(v, int) for k, v in mapping.items()):
+        raise ConfigError(f"label_mapping: expected ground-truth value -> label value integers, got {mapping}")
+    allowed = {0, *labels.values()}
+    if not set(mapping.values()) <= allowed or any(k < 0 for k in mapping):
+        raise ConfigError(f"label_mapping: targets must be 0 or values of labels {dict(labels)}, got {dict(mapping)}")
+    return {int(k): int(v) for k, v in mapping.items()}
 
 
 def _check_output(output: Path, frames: list[FramePair]) -> None:
@@ -215,11 +244,15 @@ def _check_output(output: Path, frames: list[FramePair]) -> None:
         raise DataError(f"{output}: output exists and is not a folder")
 
 
-def _load_pair(frame: FramePair, labels: Mapping[str, int]) -> tuple[Volume, Volume]:
-    """Ground truth and prediction of a frame, checked for label values and equal geometry."""
+def _load_pair(frame: FramePair, labels: Mapping[str, int], mapping: Mapping[int, int] | None
+               ) -> tuple[Volume, Volume]:
+    """Ground truth (mapped to the predictions' values by ``mapping``, if any) and prediction of a frame,
+    checked for label values and equal geometry."""
     allowed = {0, *labels.values()}
     gt_vol = load_volume(frame.gt_path, label=True)
-    check_label_values(gt_vol, allowed)
+    check_label_values(gt_vol, allowed if mapping is None else mapping)
+    if mapping is not None:
+        gt_vol.data = map_labels(gt_vol.data, mapping)
     pred_vol = load_volume(frame.pred_path, label=True)
     if pred_vol.shape != gt_vol.shape:
         raise DataError(
@@ -252,7 +285,7 @@ def _clinical_rows(frames: list[FramePair], volumes: dict, warn) -> list[dict]:
     return rows
 
 
-def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, warn) -> None:
+def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, mapping, warn) -> None:
     from seg_densenet.evaluation import plots  # lazy: matplotlib costs ~1 s of start-up when plots=false
 
     plots.dice_boxplot(metric_rows, list(labels), output / "dice_boxplot.png")
@@ -261,7 +294,7 @@ def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, warn)
     }
     patients = sorted(by_source["gt"])
     if patients:
-        for key, name, unit in _BLAND_ALTMAN:
+        for key, name, unit in (entry for entry in _BLAND_ALTMAN if entry[0] in indices_for(labels)):
             pred = [by_source["pred"][p][key] for p in patients]
             gt = [by_source["gt"][p][key] for p in patients]
             plots.bland_altman(pred, gt, name, unit, output / f"bland_altman_{key.rsplit('_', 1)[0]}.png")
@@ -273,7 +306,7 @@ def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, warn)
         frame_dice.setdefault(row["stem"], []).append(row["dice"])
     ranked = sorted(frames, key=lambda f: float(np.mean(frame_dice[f.stem])))
     for which, frame in (("best", ranked[-1]), ("worst", ranked[0])):
-        gt_vol, pred_vol = _load_pair(frame, labels)
+        gt_vol, pred_vol = _load_pair(frame, labels, mapping)
         if frame.image_path.is_file():
             image = load_volume(frame.image_path).data
         else:
@@ -290,7 +323,7 @@ def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, warn)
         )
 
 
-def _case_strips(frames: list[FramePair], labels: dict[str, int]) -> dict[str, bytes]:
+def _case_strips(frames: list[FramePair], labels: dict[str, int], mapping: dict[int, int] | None) -> dict[str, bytes]:
     """The overlay strip (ED and ES) of every case whose image files are there, as PNG bytes."""
     from seg_densenet.evaluation import plots
 
@@ -301,7 +334,7 @@ def _case_strips(frames: list[FramePair], labels: dict[str, int]) -> dict[str, b
                             if f.phase in PHASES else len(PHASES)):
             if not frame.image_path.is_file():
                 continue
-            gt_vol, pred_vol = _load_pair(frame, labels)
+            gt_vol, pred_vol = _load_pair(frame, labels, mapping)
             image = load_volume(frame.image_path).data
             if image.shape == gt_vol.shape:
                 phases[frame.phase or frame.stem] = (image, gt_vol.data, pred_vol.data)
@@ -326,8 +359,8 @@ def _print_table(stats: dict, output: Path) -> None:
                 )
     out = Console()
     out.print(table)
-    ef = stats["clinical"]["LV_EF_pct"]
-    if ef["n"]:
+    ef = stats["clinical"].get("LV_EF_pct")
+    if ef and ef["n"]:
         out.print(
             f"LV EF: corr {report.number_text(ef['corr'], 3)}, bias {report.number_text(ef['bias'], 2)} %",
             highlight=False,

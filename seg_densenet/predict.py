@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.repo_root:} resolver)
 from seg_densenet.checkpoint import load_model
+from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.nifti import Volume, load_volume, save_volume
 from seg_densenet.data.preprocess import GridMeta, Preprocessor
 from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
@@ -456,7 +457,7 @@ def build_predictor(ckpt: str | Path, *, device: str = "auto", tta: bool | str =
     data_cfg = record.get("data") or {}
     predictor = Predictor(
         model, preprocessor_from_record(data_cfg), device=device,
-        num_classes=len(record.get("class_names", [])) or 4,
+        num_classes=LabelSet.from_record(record).num_classes,
         tta_transforms=select_tta(tta, data_cfg.get("augmentation")), **options,
     )
     return predictor, record
@@ -489,11 +490,12 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
     for target in targets:
         if target.resolve() in inputs:
             raise SegDenseNetError(f"{target}: output path is an input file; refusing to overwrite it")
-    predictor, _ = build_predictor(
+    predictor, record = build_predictor(
         ckpt, device=device, precision=precision, batch_size=batch_size, tta=tta, mc_samples=mc_samples,
         postprocess=postprocess, keep_probs=save_probs, memory_budget_mb=memory_budget_mb,
         channels_last=channels_last, backend=backend,
     )
+    structures = LabelSet.from_record(record).structures
     written = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns) as progress:
@@ -501,7 +503,8 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
             volume = load_volume(src, allow_4d=True)
             stem = nifti_stem(target)[: -len("_pred")]
             if volume.data.ndim == 4:
-                written.append(_predict_cine(predictor, volume, target, target.with_name(stem), cine_frames, progress))
+                written.append(_predict_cine(predictor, volume, target, target.with_name(stem), cine_frames, progress,
+                                             structures))
                 continue
             task = progress.add_task(f"{src.name}", total=volume.shape[slice_axis(volume)])
             result = predictor.predict(volume, progress, task)
@@ -516,9 +519,9 @@ def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta
 
 
 def _predict_cine(predictor: Predictor, volume: Volume, target: Path, stem: Path,
-                  cine_frames: Sequence[int] | None, progress: Progress) -> Path:
+                  cine_frames: Sequence[int] | None, progress: Progress, structures: dict[str, int]) -> Path:
     """Segment every frame of a 4D series into ``target`` (a 4D mask) and its cycle reports into
-    ``<stem>_volumes.csv`` etc. beside it."""
+    ``<stem>_volumes.csv`` etc. beside it; ``structures``: the checkpoint's label set."""
     from seg_densenet import cine
 
     n_frames = volume.data.shape[3]
@@ -526,12 +529,12 @@ def _predict_cine(predictor: Predictor, volume: Volume, target: Path, stem: Path
     task = progress.add_task(f"{volume.path.name} ({n_frames} frames)", total=first.shape[slice_axis(first)] * n_frames)
     labels = np.stack([predictor.predict(cine.frame(volume, t), progress, task)["labels"] for t in range(n_frames)], -1)
     save_volume(target, labels, volume, dtype=np.uint8)
-    curves = cine.volume_curves(labels, volume.spacing)
+    curves = cine.volume_curves(labels, volume.spacing, structures)
     ed, es = cine.ed_es_frames(curves["LV"], cine_frames)
     summary = cine.cycle_summary(curves, ed, es, named=cine_frames is not None)
     cine.write_cycle_reports(stem, curves, summary)
-    log.info("%s: %d frames, ED frame %d, ES frame %d (%s), LVEF %.1f %%, RVEF %.1f %%", volume.path, n_frames,
-             summary["ED_frame"], summary["ES_frame"], summary["chosen_by"], summary["LV_EF_pct"], summary["RV_EF_pct"])
+    log.info("%s: %d frames, ED frame %d, ES frame %d (%s), LVEF %.1f %%", volume.path, n_frames,
+             summary["ED_frame"], summary["ES_frame"], summary["chosen_by"], summary["LV_EF_pct"])
     return target
 
 

@@ -28,13 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from seg_densenet.data.acdc import map_labels
+from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.nifti import Volume, check_label_values, load_volume
 from seg_densenet.data.preprocess import _resample
 from seg_densenet.data.splits import split_patients
 from seg_densenet.errors import ConfigError, DataError
 from seg_densenet.evaluation import report
 from seg_densenet.evaluation.cases import FramePair, find_labelled, phase_frames, phase_of
-from seg_densenet.evaluation.clinical import ACDC_LABELS
 from seg_densenet.evaluation.metrics import label_metrics
 from seg_densenet.utils.atomic import atomic_write_text
 from seg_densenet.utils.cli import check_overrides, run_cli
@@ -259,7 +260,7 @@ def robustness_report(
         raise DataError(f"{output}: output exists and is not a folder")
     from seg_densenet.predict import build_predictor  # lazy: torch and the models
 
-    predictor, _ = build_predictor(
+    predictor, record = build_predictor(
         ckpt,
         device=device,
         tta=tta,
@@ -267,7 +268,8 @@ def robustness_report(
         batch_size=batch_size,
         channels_last=channels_last,
     )
-    labels = dict(ACDC_LABELS)
+    labels = LabelSet.from_record(record).structures
+    mapping = (record.get("data") or {}).get("label_mapping")
     case_rows: list[dict] = []
     progress = Progress(
         TextColumn("robustness"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -276,7 +278,7 @@ def robustness_report(
     with progress:
         task = progress.add_task("", total=len(frames) * len(names))
         for frame in frames:
-            image, gt = _load_frame(frame, labels)
+            image, gt = _load_frame(frame, labels, mapping)
             for name in names:
                 progress.update(task, description=f"{frame.stem} {name}")
                 shifted_image, shifted_gt = SHIFTS[name](image), SHIFTS[name](gt, label=True)
@@ -324,10 +326,13 @@ def summary_columns(structures: Sequence[str]) -> list[str]:
     ]
 
 
-def _load_frame(frame: FramePair, labels: dict[str, int]) -> tuple[Volume, Volume]:
+def _load_frame(frame: FramePair, labels: dict[str, int], mapping: dict[int, int] | None) -> tuple[Volume, Volume]:
+    """Image and ground truth, in the checkpoint's class values (mapped as its training data was)."""
     image = load_volume(frame.image_path)
     gt = load_volume(frame.gt_path, label=True)
-    check_label_values(gt, {0, *labels.values()})
+    check_label_values(gt, {0, *labels.values()} if mapping is None else {int(k) for k in mapping})
+    if mapping is not None:
+        gt.data = map_labels(gt.data, {int(k): int(v) for k, v in mapping.items()})
     if image.shape != gt.shape or not np.allclose(image.affine, gt.affine, atol=1e-3):
         raise DataError(f"{frame.gt_path}: shape or affine differs from its image {frame.image_path.name}")
     return image, gt

@@ -116,7 +116,7 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         # the checkpoint holds the trained encoder: rebuilding for prediction must not reload weights
         "model": _container(model_cfg) | ({"encoder_weights": None} if "encoder_weights" in model_cfg else {}),
         "data": _container(cfg.data),
-        "class_names": ["background", "RV", "MYO", "LV"],
+        "class_names": list(datamodule.class_names),
         "command": command_line(),
     }
     module = SegmentationModule(
@@ -124,7 +124,7 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         loss=stage_cfg.loss, class_weights=stage_cfg.class_weights, hd95_every_n_epochs=stage_cfg.hd95_every_n_epochs,
         freeze_encoder_epochs=stage_cfg.freeze_encoder_epochs, encoder_lr_mult=stage_cfg.encoder_lr_mult,
         freeze_encoder_bn=stage_cfg.freeze_encoder_bn, inference_batch_size=stage_cfg.inference_batch_size,
-        channels_last=cfg.channels_last,
+        channels_last=cfg.channels_last, labels=datamodule.label_set.structures,
     )
     return _fit(cfg, stage_cfg, module, datamodule, stage_dir, {"encoder_weights": encoder_weights})
 

@@ -12,6 +12,7 @@ import pytest
 from scipy import ndimage
 
 from seg_densenet.cine import cycle_summary, ed_es_frames, volume_curves
+from seg_densenet.data.labels import ACDC_STRUCTURES
 from seg_densenet.errors import ConfigError
 from seg_densenet.evaluation.clinical import clinical_indices
 from seg_densenet.predict import predict_tree
@@ -47,7 +48,7 @@ def test_ed_es_from_the_lv_curve_and_named_frames():
 def test_curves_and_indices_of_a_ground_truth_series(synthetic_root):
     labels, ref = _series(synthetic_root, "_gt")
     spacing = ref.header.get_zooms()[:3]
-    curves = volume_curves(labels, spacing)
+    curves = volume_curves(labels, spacing, ACDC_STRUCTURES)
     assert curves["LV"].shape == (FRAMES,)
     assert ed_es_frames(curves["LV"]) == (ED, ES)
     summary = cycle_summary(curves, ED, ES, named=False)

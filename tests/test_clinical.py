@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from seg_densenet.data.labels import ACDC_STRUCTURES
 from seg_densenet.evaluation.clinical import (
-    ACDC_LABELS,
     INDEX_NAMES,
     MYOCARDIUM_DENSITY_G_PER_ML,
     agreement,
@@ -23,9 +23,9 @@ SPACING = (1.5, 1.5, 8.0)  # 18 mm^3 per voxel
 def _heart(lv: tuple[int, int, int], rv: tuple[int, int, int], myo_slices: int) -> np.ndarray:
     """A label map holding an LV box, an RV box and a myocardium slab of known voxel counts."""
     labels = np.zeros((40, 40, 12), np.int64)
-    labels[: lv[0], : lv[1], : lv[2]] = ACDC_LABELS["LV"]
-    labels[20 : 20 + rv[0], 20 : 20 + rv[1], : rv[2]] = ACDC_LABELS["RV"]
-    labels[:10, 30:40, :myo_slices] = ACDC_LABELS["MYO"]
+    labels[: lv[0], : lv[1], : lv[2]] = ACDC_STRUCTURES["LV"]
+    labels[20 : 20 + rv[0], 20 : 20 + rv[1], : rv[2]] = ACDC_STRUCTURES["RV"]
+    labels[:10, 30:40, :myo_slices] = ACDC_STRUCTURES["MYO"]
     return labels
 
 

@@ -93,6 +93,9 @@ def test_every_shipped_experiment_passes(compose_app, experiment):
         (["data.target_spacing=[0,1.5]"], "data.target_spacing=[0, 1.5]: must be a pair [a, b] of numbers > 0"),
         (["trainer.precision=8"], "trainer.precision=8: must be one of"),
         (["ckpt_path=no_such.ckpt"], "ckpt_path=no_such.ckpt: must be last, null or an existing checkpoint file"),
+        (["data.structures=[LV,LV]"], "data.structures=['LV', 'LV']: must be a list of distinct structure names"),
+        (["data.label_mapping={1: -3}"], "data.label_mapping={1: -3}: must be a mapping of label values"),
+        (["data.structures=[LV]", "task.segment.class_weights=[1,1,1,1]"], "must be a list of 2 numbers"),
     ],
 )
 def test_training_options_checked_in_process(compose_app, overrides, message):

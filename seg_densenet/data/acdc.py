@@ -22,18 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from seg_densenet.data.labels import ACDC, PHASES
 from seg_densenet.data.nifti import Volume, check_label_values, load_volume
 from seg_densenet.errors import DataError
 
 #: Diagnosis groups of ACDC, in the order used for classification labels.
 GROUPS = ("NOR", "DCM", "HCM", "MINF", "RV")
-#: Names of the ACDC label values 0..3.
-CLASS_NAMES = ("background", "RV", "MYO", "LV")
-#: Identity mapping for data already in ACDC's label convention.
-ACDC_LABELS = {0: 0, 1: 1, 2: 2, 3: 3}
-#: The ACDC label value of the LV cavity (used to pick mid-ventricular slices).
-LV_LABEL = 3
-PHASES = ("ED", "ES")
 
 
 @dataclass(frozen=True)
@@ -222,14 +216,15 @@ def _read_case(folder: Path, layout: Layout) -> Case:
 
 
 def load_frame(frame: Frame, label_mapping: Mapping[int, int] | None = None) -> tuple[Volume, Volume]:
-    """Load a frame's image and label map, checked as a pair, with labels mapped to ACDC values.
+    """Load a frame's image and label map, checked as a pair, with labels mapped to class values.
 
-    Returns ``(image, label)``: image ``(X, Y, Z)`` float32, label ``(X, Y, Z)`` int64 in ACDC values,
+    ``label_mapping``: source value -> class value (``None``: the files hold ACDC's class values).
+    Returns ``(image, label)``: image ``(X, Y, Z)`` float32, label ``(X, Y, Z)`` int64 class values,
     both carrying the header geometry. Raises :class:`DataError` naming the file if either is
     unreadable, not 3D or not finite, if their shapes differ, or if the label map holds a value the
     mapping does not cover.
     """
-    mapping = {int(k): int(v) for k, v in (label_mapping or ACDC_LABELS).items()}
+    mapping = {int(k): int(v) for k, v in (label_mapping or ACDC.identity_mapping).items()}
     image = load_volume(frame.image)
     label = load_volume(frame.label, label=True)
     if image.shape != label.shape:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from seg_densenet.data.acdc import ACDC_LABELS, Frame, load_frame
+from seg_densenet.data.acdc import Frame, load_frame
+from seg_densenet.data.labels import ACDC
 from seg_densenet.data.preprocess import GridMeta, Preprocessor
 from seg_densenet.errors import DataError
 from seg_densenet.utils.atomic import atomic_path, atomic_write_text
@@ -65,7 +66,7 @@ class VolumeCache:
     ):
         self.cache_dir = Path(cache_dir)
         self.preprocessor = preprocessor
-        self.label_mapping = {int(k): int(v) for k, v in (label_mapping or ACDC_LABELS).items()}
+        self.label_mapping = {int(k): int(v) for k, v in (label_mapping or ACDC.identity_mapping).items()}
         self.hits = 0
         self.misses = 0
 

@@ -17,9 +17,10 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from seg_densenet.data.acdc import CLASS_NAMES, GROUPS, Case, Layout, discover_cases
+from seg_densenet.data.acdc import GROUPS, Case, Layout, discover_cases
 from seg_densenet.data.cache import CachedVolume, VolumeCache
 from seg_densenet.data.datasets import DiagnosisSliceDataset, ImageFolderDataset, SliceDataset, VolumeDataset
+from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.data.splits import labelled_subset, make_split, save_split
 from seg_densenet.data.transforms import WorkerSeededAugment
@@ -32,7 +33,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     """Cardiac short-axis segmentation data.
 
     root: dataset folder (see :class:`~seg_densenet.data.acdc.Layout`); layout: a ``Layout`` config
-    mapping (``None``: ACDC); label_mapping: source label value -> ACDC value (``None``: identity).
+    mapping (``None``: ACDC); structures: names in class-value order 1..n (``None``: ACDC's RV, MYO, LV;
+    :class:`~seg_densenet.data.labels.LabelSet`); label_mapping: source label value in the files -> class
+    value (``None``: identity).
     synthetic: ``{"patients": N, "seed": S}`` (optionally ``"image_size": [X, Y]``) to generate the synthetic phantom into ``root`` when
     it is not complete there, or ``None``.
     crop_jitter: training crops are centred up to this many pixels away from the labels' centre.
@@ -49,18 +52,17 @@ class SegmentationDataModule(pl.LightningDataModule):
     augmentation: an albumentations pipeline for training slices, or ``None``.
     skip_bad_cases: ``False``: an unreadable case raises :class:`DataError`; ``True``: it is left out,
     with one warning listing all such cases.
-    in_channels, num_classes: fixed at 1 and 4 (ACDC labels); model configs read them from here.
+    in_channels, num_classes: 1 and background + ``structures`` (checked); model configs read them from here.
 
     Batches: train ``{"image": (B, 1, H, W) float32, "mask": (B, H, W) int64, "case": list[str]}``;
     val/test: one volume per step, see :class:`~seg_densenet.data.datasets.VolumeDataset`.
     """
 
-    class_names = CLASS_NAMES
-
     def __init__(
         self,
         root: str | Path,
         layout: Mapping | Layout | None = None,
+        structures: Sequence[str] | None = None,
         label_mapping: Mapping[int, int] | None = None,
         synthetic: Mapping | None = None,
         normalization: str = "zscore",
@@ -88,9 +90,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         super().__init__()
         if in_channels != 1:
             raise ConfigError(f"data.in_channels: short-axis MRI has 1 channel, got {in_channels}")
-        if num_classes != len(CLASS_NAMES):
+        self.label_set = LabelSet.from_config(structures)
+        if num_classes != self.label_set.num_classes:
             raise ConfigError(
-                f"data.num_classes: the ACDC labels {CLASS_NAMES} are {len(CLASS_NAMES)} classes, got {num_classes}"
+                f"data.num_classes: data.structures {self.label_set.class_names[1:]} and background are {self.label_set.num_classes} "
+                f"classes, got {num_classes}"
             )
         self.save_hyperparameters(ignore=["augmentation"])
         self.root = Path(root)
@@ -98,7 +102,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.label_mapping = {int(k): int(v) for k, v in label_mapping.items()} if label_mapping else None
         if self.label_mapping is not None and not set(self.label_mapping.values()) <= set(range(num_classes)):
             raise ConfigError(
-                f"data.label_mapping: targets must be ACDC labels 0..{num_classes - 1}, got {label_mapping}"
+                f"data.label_mapping: targets must be class values 0..{num_classes - 1} of data.structures, got {label_mapping}"
             )
         self.synthetic = dict(synthetic) if synthetic else None
         self.preprocessor = Preprocessor(normalization, percentiles, target_spacing, crop_size=None)
@@ -125,6 +129,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.entries: dict[str, list[CachedVolume]] = {}
         self.bad_cases: dict[str, str] = {}
         self.cache: VolumeCache | None = None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names by value: ``("background", *data.structures)``."""
+        return tuple(self.label_set.class_names)
 
     # -- setup ---------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -160,7 +169,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             val_fraction=self.val_fraction,
             seed=self.seed,
         )
-        self.cache = VolumeCache(self.cache_dir, self.preprocessor, self.label_mapping)
+        self.cache = VolumeCache(self.cache_dir, self.preprocessor, self.label_mapping or self.label_set.identity_mapping)
         by_name = {c.name: c for c in self.cases}
         entries: dict[str, list[CachedVolume]] = {name: [] for name in SPLITS}
         for split_name in SPLITS:
@@ -325,13 +334,18 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def _setup_diagnosis(self) -> None:
         seg = self.segmentation
+        lv_label = seg.label_set.structures.get("LV")
+        if lv_label is None:
+            raise ConfigError(
+                f"data.structures: diagnosis pretraining picks slices through the LV cavity; {seg.label_set.class_names} has no LV"
+            )
         seg.setup()
         group_of = {c.name: c.group_index for c in seg.cases}
         for split in ("train", "val"):
             entries = [e for e in seg.entries[split] if group_of.get(e.name.rpartition("_")[0]) is not None]
             labels = [group_of[e.name.rpartition("_")[0]] for e in entries]
             augment = WorkerSeededAugment(seg.augmentation) if split == "train" and seg.augmentation else None
-            self.datasets[split] = DiagnosisSliceDataset(entries, labels, seg.crop_size, augment)
+            self.datasets[split] = DiagnosisSliceDataset(entries, labels, seg.crop_size, augment, lv_label)
         if len(self.datasets["train"]) == 0:
             raise DataError(
                 f"{seg.root}: no training case has a diagnosis group in {GROUPS} (Group in the info file)"

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from seg_densenet.data.acdc import LV_LABEL
 from seg_densenet.data.cache import CachedVolume
 from seg_densenet.data.preprocess import center_shift, place
 from seg_densenet.errors import DataError
@@ -183,7 +182,7 @@ class DiagnosisSliceDataset(Dataset):
     slices are ambiguous. Item: ``{"image": (1, H, W) float32, "label": int64 (index in GROUPS),
     "case": "patient001_ED"}``.
 
-    labels: the group index of each entry.
+    labels: the group index of each entry; lv_label: the class value of the LV cavity in the masks.
     """
 
     def __init__(
@@ -192,6 +191,7 @@ class DiagnosisSliceDataset(Dataset):
         labels: Sequence[int],
         crop_size: Sequence[int] | None = None,
         augment: Callable | None = None,
+        lv_label: int = 3,
     ):
         self.store = _CachedArrays(entries)
         self.labels = [int(v) for v in labels]
@@ -200,7 +200,7 @@ class DiagnosisSliceDataset(Dataset):
         self.index = []
         for i in range(len(self.store.entries)):
             _, mask = self.store.arrays(i)
-            lv = [z for z in range(mask.shape[0]) if np.any(np.asarray(mask[z]) == LV_LABEL)]
+            lv = [z for z in range(mask.shape[0]) if np.any(np.asarray(mask[z]) == lv_label)]
             cut = len(lv) // 4
             self.index.extend((i, z) for z in lv[cut : len(lv) - cut])
 

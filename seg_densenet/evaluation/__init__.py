@@ -10,11 +10,10 @@
   Markdown and PNG outputs of ``python -m seg_densenet.evaluate``.
 """
 
-from seg_densenet.evaluation.clinical import ACDC_LABELS, agreement, clinical_indices, structure_volumes_ml
+from seg_densenet.evaluation.clinical import agreement, clinical_indices, structure_volumes_ml
 from seg_densenet.evaluation.metrics import aggregate, label_metrics, structure_metrics
 
 __all__ = [
-    "ACDC_LABELS",
     "aggregate",
     "agreement",
     "clinical_indices",

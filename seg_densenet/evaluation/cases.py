@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seg_densenet.data.acdc import read_info_cfg
+from seg_densenet.data.labels import PHASES
 from seg_densenet.errors import DataError
 from seg_densenet.utils.files import walk_files
-
-PHASES: tuple[str, ...] = ("ED", "ES")
-"""Cardiac phases that the report summarises; any other annotated frame has phase ``"other"``."""
 
 _NAME = re.compile(r"^(?P<stem>.+)_(?P<kind>gt|pred)\.nii(\.gz)?$")
 _FRAME = re.compile(r"_frame(?P<number>\d+)$")

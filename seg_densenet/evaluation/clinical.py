@@ -7,8 +7,9 @@ As reported by the ACDC challenge (Bernard et al., IEEE TMI 2018):
 - ejection fraction in %: ``EF = 100 x (EDV - ESV) / EDV`` (NaN when EDV is 0);
 - myocardial mass in g at end-diastole: ``myocardium volume (ml) x 1.05 g/ml``.
 
-Structures are found by name in a ``labels`` mapping (``{"RV": 1, "MYO": 2, "LV": 3}`` in ACDC);
-the voxel size comes from each volume's header, never assumed.
+Structures are found by name in a ``labels`` mapping (``{"RV": 1, "MYO": 2, "LV": 3}`` in ACDC; see
+:mod:`seg_densenet.data.labels`); an index whose structure a label set lacks is left out. The voxel size
+comes from each volume's header, never assumed.
 
 :func:`agreement` compares a predicted index with the ground truth over patients the way the
 challenge did: Pearson correlation, bias ``mean(pred - gt)`` and Bland-Altman limits of agreement
@@ -21,26 +22,17 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from seg_densenet.data.labels import ACDC_STRUCTURES, INDEX_STRUCTURES
+
 MYOCARDIUM_DENSITY_G_PER_ML = 1.05
 """Density of myocardial tissue used for the mass (g/ml)."""
 
-ACDC_LABELS: dict[str, int] = {"RV": 1, "MYO": 2, "LV": 3}
-"""ACDC label values: 1 right-ventricle cavity, 2 left-ventricle myocardium, 3 left-ventricle cavity."""
-
-INDEX_NAMES: tuple[str, ...] = (
-    "LV_EDV_ml",
-    "LV_ESV_ml",
-    "LV_EF_pct",
-    "RV_EDV_ml",
-    "RV_ESV_ml",
-    "RV_EF_pct",
-    "MYO_mass_g",
-)
-"""Keys of :func:`clinical_indices`, in report order."""
+INDEX_NAMES: tuple[str, ...] = tuple(INDEX_STRUCTURES)
+"""Keys of :func:`clinical_indices` (for a label set with LV, RV and MYO), in report order."""
 
 
 def structure_volumes_ml(
-    label_map: np.ndarray, spacing: Sequence[float], labels: Mapping[str, int] = ACDC_LABELS
+    label_map: np.ndarray, spacing: Sequence[float], labels: Mapping[str, int] = ACDC_STRUCTURES
 ) -> dict[str, float]:
     """Volume in ml of every structure: ``{name: count(label_map == value) x prod(spacing) / 1000}``.
 
@@ -60,31 +52,32 @@ def ejection_fraction(edv: float, esv: float) -> float:
 def indices_from_volumes(ed_ml: Mapping[str, float], es_ml: Mapping[str, float]) -> dict[str, float]:
     """Clinical indices from structure volumes (ml) at ED and ES, keyed as :data:`INDEX_NAMES`.
 
-    ed_ml, es_ml: ``{"LV": ml, "RV": ml, "MYO": ml}`` as returned by :func:`structure_volumes_ml`.
+    ed_ml, es_ml: ``{"LV": ml, "RV": ml, "MYO": ml}`` as returned by :func:`structure_volumes_ml`; the
+    indices of a structure that is not there are left out (a left-ventricle-only label set gives LV's).
     """
-    return {
-        "LV_EDV_ml": ed_ml["LV"],
-        "LV_ESV_ml": es_ml["LV"],
-        "LV_EF_pct": ejection_fraction(ed_ml["LV"], es_ml["LV"]),
-        "RV_EDV_ml": ed_ml["RV"],
-        "RV_ESV_ml": es_ml["RV"],
-        "RV_EF_pct": ejection_fraction(ed_ml["RV"], es_ml["RV"]),
-        "MYO_mass_g": ed_ml["MYO"] * MYOCARDIUM_DENSITY_G_PER_ML,
-    }
+    indices: dict[str, float] = {}
+    for cavity in ("LV", "RV"):
+        if cavity in ed_ml and cavity in es_ml:
+            indices[f"{cavity}_EDV_ml"] = ed_ml[cavity]
+            indices[f"{cavity}_ESV_ml"] = es_ml[cavity]
+            indices[f"{cavity}_EF_pct"] = ejection_fraction(ed_ml[cavity], es_ml[cavity])
+    if "MYO" in ed_ml:
+        indices["MYO_mass_g"] = ed_ml["MYO"] * MYOCARDIUM_DENSITY_G_PER_ML
+    return {name: indices[name] for name in INDEX_NAMES if name in indices}
 
 
 def clinical_indices(
     ed: np.ndarray,
     es: np.ndarray,
     spacing: Sequence[float],
-    labels: Mapping[str, int] = ACDC_LABELS,
+    labels: Mapping[str, int] = ACDC_STRUCTURES,
     es_spacing: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """Clinical indices of one patient from its ED and ES label maps.
 
     ed, es: integer ``(X, Y, Z)`` label maps; spacing: ED voxel size in mm (``es_spacing`` defaults to
-    it); labels must name ``"LV"``, ``"RV"`` and ``"MYO"``. Returns ``{name: value}`` for
-    :data:`INDEX_NAMES` (ml, %, g).
+    it); labels: structure name -> label value. Returns ``{name: value}`` for the :data:`INDEX_NAMES` its
+    structures allow (ml, %, g).
     """
     ed_ml = structure_volumes_ml(ed, spacing, labels)
     es_ml = structure_volumes_ml(es, spacing if es_spacing is None else es_spacing, labels)

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from seg_densenet.evaluation.cases import PHASES
+from seg_densenet.data.labels import PHASES
 from seg_densenet.utils.atomic import atomic_path
 
 

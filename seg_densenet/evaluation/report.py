@@ -2,7 +2,7 @@
 
 Rows are plain dicts. Metric rows: ``case, phase, structure, dice, iou, hd_mm, hd95_mm, assd_mm,
 stem`` (one per frame and structure). Clinical rows: ``patient, source`` (``gt`` or ``pred``) and
-:data:`~seg_densenet.evaluation.clinical.INDEX_NAMES`. Every file is written atomically; NaN is
+:data:`~seg_densenet.evaluation.clinical.INDEX_NAMES` that the structures allow. Every file is written atomically; NaN is
 ``nan`` in CSV and ``null`` in JSON.
 """
 
@@ -15,13 +15,19 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from seg_densenet.evaluation.cases import PHASES
+from seg_densenet.data.labels import PHASES, indices_for
 from seg_densenet.evaluation.clinical import INDEX_NAMES, agreement
 from seg_densenet.evaluation.metrics import METRIC_NAMES, aggregate
 from seg_densenet.utils.atomic import atomic_write_text
 
 METRIC_COLUMNS: tuple[str, ...] = ("case", "phase", "structure", *METRIC_NAMES, "stem")
 CLINICAL_COLUMNS: tuple[str, ...] = ("patient", "source", *INDEX_NAMES)
+"""The columns of ``clinical.csv`` for a label set with LV, RV and MYO (:func:`clinical_columns`)."""
+
+
+def clinical_columns(structures: Sequence[str]) -> tuple[str, ...]:
+    """The columns of ``clinical.csv``: patient, source and the indices that ``structures`` allow."""
+    return ("patient", "source", *indices_for(structures))
 
 _METRIC_TITLES = {
     "dice": "Dice",
@@ -57,7 +63,7 @@ def summarise(
         name: agreement(
             [by_source["pred"][p][name] for p in patients], [by_source["gt"][p][name] for p in patients]
         )
-        for name in INDEX_NAMES
+        for name in indices_for(structures)
     }
     return {"n_cases": n_cases, "per_structure": per_structure, "clinical": clinical}
 

@@ -124,14 +124,13 @@ class ValidationOverlay(pl.Callback):
             return
         import numpy as np
 
-        from seg_densenet.evaluation.clinical import ACDC_LABELS
         from seg_densenet.evaluation.plots import overlay_image
 
         pred = pl_module.predict_volume_logits(batch["image"]).argmax(1)
         # (S, H, W) -> (X, Y, Z), the evaluation's axis order
         image = batch["image"][:, 0].permute(1, 2, 0).float().cpu().numpy()
         gt = batch["mask"].permute(1, 2, 0).cpu().numpy()
-        rgb = overlay_image(image, gt, pred.permute(1, 2, 0).cpu().numpy(), ACDC_LABELS,
+        rgb = overlay_image(image, gt, pred.permute(1, 2, 0).cpu().numpy(), pl_module.label_set.structures,
                             f"epoch {trainer.current_epoch + 1}", self.n_slices)
         for logger in loggers:
             logger.experiment.add_image("val/overlay", np.asarray(rgb), trainer.global_step, dataformats="HWC")

@@ -1,4 +1,4 @@
-"""Segmentation training with volume metrics as in ACDC."""
+"""Segmentation training with volume metrics as in ACDC, per structure of the dataset's label set."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
+from seg_densenet.data.labels import LabelSet
 from seg_densenet.evaluation.metrics import dice, iou, structure_metrics
 from seg_densenet.lit.base import BaseModule
 from seg_densenet.lit.losses import build_loss
-
-STRUCTURES = {"rv": 1, "myo": 2, "lv": 3}
 
 
 class SegmentationModule(BaseModule):
@@ -21,8 +20,10 @@ class SegmentationModule(BaseModule):
     Validation/test items: one volume ``{"image": (S, 1, H, W), "mask": (S, H, W), "spacing": (3,) mm,
     "case": str, "phase": str}``; slices are predicted ``inference_batch_size`` at a time, and Dice,
     IoU (and HD95 in mm every ``hd95_every_n_epochs`` epochs, and always at test) are computed in 3D
-    per volume, then averaged over volumes: ``val/dice_rv``, ``val/dice_myo``, ``val/dice_lv``,
-    ``val/dice`` (their mean), ``val/dice_best`` (best ``val/dice`` so far), ``val/iou*``, ``val/hd95*``.
+    per volume, then averaged over volumes, one key per structure of ``labels`` (structure name -> class
+    value, :class:`~seg_densenet.data.labels.LabelSet`; ``None``: ACDC's): ``val/dice_rv``, ``val/dice_myo``,
+    ``val/dice_lv``, ``val/dice`` (their mean), ``val/dice_best`` (best ``val/dice`` so far), ``val/iou*``,
+    ``val/hd95*``.
 
     Fine-tuning options act on ``model.encoder`` (DenseUNet, smp Unet): ``freeze_encoder_epochs``,
     ``encoder_lr_mult`` and ``freeze_encoder_bn``.
@@ -31,15 +32,17 @@ class SegmentationModule(BaseModule):
     def __init__(self, model: nn.Module, optimizer, scheduler=None, scheduler_interval="step", record=None,
                  loss: str = "dice_ce", class_weights: list[float] | None = None, hd95_every_n_epochs: int = 5,
                  freeze_encoder_epochs: int = 0, encoder_lr_mult: float = 1.0, freeze_encoder_bn: bool = False,
-                 inference_batch_size: int = 16, channels_last: bool = False):
+                 inference_batch_size: int = 16, channels_last: bool = False, labels: dict[str, int] | None = None):
         super().__init__(model, optimizer, scheduler, scheduler_interval, record, channels_last)
+        self.label_set = LabelSet.from_config(labels)
+        self.structures = self.label_set.metric_names
         self.loss_fn = build_loss(loss, class_weights)
         self.hd95_every_n_epochs = hd95_every_n_epochs
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.encoder_lr_mult = encoder_lr_mult
         self.freeze_encoder_bn = freeze_encoder_bn
         self.inference_batch_size = inference_batch_size
-        names = [f"{m}_{s}" for m in ("dice", "iou", "hd95") for s in STRUCTURES]
+        names = [f"{m}_{s}" for m in ("dice", "iou", "hd95") for s in self.structures]
         self.val_metrics = nn.ModuleDict({n: MeanMetric(nan_strategy="ignore") for n in names})
         self.test_metrics = nn.ModuleDict({n: MeanMetric(nan_strategy="ignore") for n in names})
         self.val_dice_best = MaxMetric()
@@ -105,7 +108,7 @@ class SegmentationModule(BaseModule):
         pred = logits.argmax(1).permute(1, 2, 0).cpu().numpy()
         gt = batch["mask"].permute(1, 2, 0).cpu().numpy()
         spacing = [float(s) for s in batch["spacing"]]
-        for name, value in STRUCTURES.items():
+        for name, value in self.structures.items():
             p, g = pred == value, gt == value
             metrics[f"dice_{name}"].update(dice(p, g))
             metrics[f"iou_{name}"].update(iou(p, g))
@@ -117,7 +120,7 @@ class SegmentationModule(BaseModule):
         values = {}
         for short in ("dice", "iou", "hd95"):
             per_structure = []
-            for name in STRUCTURES:
+            for name in self.structures:
                 metric = metrics[f"{short}_{name}"]
                 if metric.update_count == 0 and not (self.trainer and self.trainer.world_size > 1):
                     continue
@@ -126,7 +129,7 @@ class SegmentationModule(BaseModule):
                 if np.isfinite(v):
                     values[f"{stage}/{short}_{name}"] = v
                     per_structure.append(v)
-            if len(per_structure) == len(STRUCTURES):
+            if len(per_structure) == len(self.structures):
                 values[f"{stage}/{short}"] = float(np.mean(per_structure))
         for key, v in values.items():
             self.log(key, v, prog_bar=key == f"{stage}/dice", sync_dist=False)

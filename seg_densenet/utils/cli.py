@@ -103,7 +103,9 @@ def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if _full_error() or any(a.startswith("-") for a in argv):
         return
-    overrides = [a for a in argv if not a.startswith("hydra.") and not a.startswith("hydra/")]
+    # Hydra's own options are Hydra's to check, except the search path: it decides which configs exist
+    overrides = [a for a in argv if a.startswith("hydra.searchpath=")
+                 or not a.startswith("hydra.") and not a.startswith("hydra/")]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
