@@ -19,12 +19,16 @@ def first_existing(*paths: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``${sd.repo_root:}``, ``${sd.first_existing:a,b,...}`` and ``${sd.num_classes:labels}``
-    (idempotent)."""
+    """Register ``${sd.repo_root:}``, ``${sd.first_existing:a,b,...}``, ``${sd.nnunet_structures:DIR}``
+    and ``${sd.num_classes:structures}`` (idempotent)."""
     if not OmegaConf.has_resolver("sd.repo_root"):
         OmegaConf.register_new_resolver("sd.repo_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("sd.first_existing"):
         OmegaConf.register_new_resolver("sd.first_existing", first_existing)
+    if not OmegaConf.has_resolver("sd.nnunet_structures"):
+        from seg_densenet.data.nnunet import nnunet_structures
+
+        OmegaConf.register_new_resolver("sd.nnunet_structures", nnunet_structures)
     if not OmegaConf.has_resolver("sd.num_classes"):
         from seg_densenet.data.labels import num_classes
 

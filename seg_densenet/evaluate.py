@@ -13,9 +13,7 @@ mass that the structures allow, from the ED/ES pair, for ground truth and predic
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,14 +28,14 @@ from seg_densenet.data.acdc import map_labels
 from seg_densenet.data.labels import ACDC_STRUCTURES, PHASES, LabelSet, indices_for
 from seg_densenet.data.nifti import Volume, check_label_values, load_volume
 from seg_densenet.data.splits import split_patients
-from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
+from seg_densenet.errors import ConfigError, DataError
 from seg_densenet.evaluation import report
 from seg_densenet.evaluation.cases import FramePair, find_frames
 from seg_densenet.evaluation.clinical import indices_from_volumes, structure_volumes_ml
 from seg_densenet.evaluation.html_report import write_html_report
 from seg_densenet.evaluation.metrics import label_metrics
 from seg_densenet.utils.atomic import refuse_overwrite_of_inputs
-from seg_densenet.utils.cli import check_overrides
+from seg_densenet.utils.cli import check_overrides, run_cli
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference between prediction and ground-truth affine entries that counts as equal (mm)."""
@@ -77,33 +75,7 @@ def evaluate_folders(
     frames = find_frames(gt, pred, allow_missing, warn)
     _check_output(output, frames)
 
-    metric_rows: list[dict] = []
-    volumes: dict[tuple[str, str], dict[str, dict[str, float]]] = {}  # (case, stem) -> source -> ml
-    progress = Progress(
-        TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err, transient=True,
-    )  # fmt: skip
-    with progress:
-        task = progress.add_task("", total=len(frames))
-        for frame in frames:
-            progress.update(task, description=frame.stem)
-            gt_vol, pred_vol = _load_pair(frame, labels, mapping)
-            per_structure = label_metrics(pred_vol.data, gt_vol.data, gt_vol.spacing, labels)
-            for structure, values in per_structure.items():
-                metric_rows.append(
-                    {
-                        "case": frame.case,
-                        "phase": frame.phase,
-                        "structure": structure,
-                        **values,
-                        "stem": frame.stem,
-                    }
-                )
-            volumes[(frame.case, frame.stem)] = {
-                "gt": structure_volumes_ml(gt_vol.data, gt_vol.spacing, labels),
-                "pred": structure_volumes_ml(pred_vol.data, gt_vol.spacing, labels),
-            }
-            progress.advance(task)
+    metric_rows, volumes = _score_frames(frames, labels, mapping, err)
     clinical_rows = _clinical_rows(frames, volumes, warn)
 
     cases = sorted({f.case for f in frames})
@@ -125,6 +97,32 @@ def evaluate_folders(
     write_html_report(output / "report.html", markdown, metric_rows, clinical_rows, list(labels), strips, figures)
     _print_table(stats, output)
     return summary
+
+
+def _score_frames(frames: list[FramePair], labels: dict[str, int], mapping: dict[int, int] | None,
+                  console: Console) -> tuple[list[dict], dict[tuple[str, str], dict[str, dict[str, float]]]]:
+    """Metric rows (one per frame and structure) and structure volumes ``{(case, stem): {"gt"|"pred":
+    {structure: ml}}}`` of every frame, with a progress bar."""
+    metric_rows: list[dict] = []
+    volumes: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    progress = Progress(
+        TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console, transient=True,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("", total=len(frames))
+        for frame in frames:
+            progress.update(task, description=frame.stem)
+            gt_vol, pred_vol = _load_pair(frame, labels, mapping)
+            per_structure = label_metrics(pred_vol.data, gt_vol.data, gt_vol.spacing, labels)
+            metric_rows += [{"case": frame.case, "phase": frame.phase, "structure": structure, **values,
+                             "stem": frame.stem} for structure, values in per_structure.items()]
+            volumes[(frame.case, frame.stem)] = {
+                "gt": structure_volumes_ml(gt_vol.data, gt_vol.spacing, labels),
+                "pred": structure_volumes_ml(pred_vol.data, gt_vol.spacing, labels),
+            }
+            progress.advance(task)
+    return metric_rows, volumes
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -192,28 +190,15 @@ def _link_cases(root: Path, patients: set[str], dest: Path) -> Path:
     return dest
 
 
-class _UserError(BaseException):
-    """Carries a SegDenseNetError past Hydra, which would print any Exception with a traceback."""
-
-
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def _hydra_app(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except SegDenseNetError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise _UserError(str(exc)) from exc
+    run_cli(evaluate, cfg)
 
 
 def main() -> None:
     """Console-script entry point: user errors print ``error: <message>`` and exit with code 2."""
     check_overrides("evaluate")
-    try:
-        _hydra_app()
-    except _UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    _hydra_app()
 
 
 def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:

@@ -270,6 +270,27 @@ def robustness_report(
     )
     labels = LabelSet.from_record(record).structures
     mapping = (record.get("data") or {}).get("label_mapping")
+    case_rows = _score_shifts(predictor, frames, names, labels, mapping)
+    rows = _summarise(case_rows, names, list(labels))
+    settings = {
+        "ckpt": str(ckpt), "input": str(input), "split": None if split is None else f"{split} ({subset})",
+        "n_cases": len({f.case for f in frames}), "n_frames": len(frames),
+        "tta": tta, "postprocess": postprocess,
+    }  # fmt: skip
+    markdown = robustness_markdown(rows, settings, list(labels))
+    output.mkdir(parents=True, exist_ok=True)
+    report.write_csv(output / "robustness_cases.csv", case_rows, CASE_COLUMNS)
+    report.write_csv(output / "robustness.csv", rows, summary_columns(list(labels)))
+    atomic_write_text(output / "robustness.md", markdown)
+    print(_table(rows, list(labels)))
+    print(_worst_line(rows))
+    print(f"reports written to {output}")
+    return rows
+
+
+def _score_shifts(predictor, frames: list[FramePair], names: list[str], labels: dict[str, int],
+                  mapping: dict[int, int] | None) -> list[dict]:
+    """One row per shift, frame and structure (Dice, HD95 mm) of ``predictor`` on every shifted frame."""
     case_rows: list[dict] = []
     progress = Progress(
         TextColumn("robustness"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -289,27 +310,12 @@ def robustness_report(
                         f"shifted image's {shifted_gt.shape}"
                     )
                 metrics = label_metrics(pred, shifted_gt.data, shifted_gt.spacing, labels)
-                for structure, values in metrics.items():
-                    case_rows.append({
-                        "shift": name, "case": frame.case, "phase": frame.phase, "structure": structure,
-                        "dice": values["dice"], "hd95_mm": values["hd95_mm"], "stem": frame.stem,
-                    })  # fmt: skip
+                case_rows += [{
+                    "shift": name, "case": frame.case, "phase": frame.phase, "structure": structure,
+                    "dice": values["dice"], "hd95_mm": values["hd95_mm"], "stem": frame.stem,
+                } for structure, values in metrics.items()]  # fmt: skip
                 progress.advance(task)
-    rows = _summarise(case_rows, names, list(labels))
-    settings = {
-        "ckpt": str(ckpt), "input": str(input), "split": None if split is None else f"{split} ({subset})",
-        "n_cases": len({f.case for f in frames}), "n_frames": len(frames),
-        "tta": tta, "postprocess": postprocess,
-    }  # fmt: skip
-    markdown = robustness_markdown(rows, settings, list(labels))
-    output.mkdir(parents=True, exist_ok=True)
-    report.write_csv(output / "robustness_cases.csv", case_rows, CASE_COLUMNS)
-    report.write_csv(output / "robustness.csv", rows, summary_columns(list(labels)))
-    atomic_write_text(output / "robustness.md", markdown)
-    print(_table(rows, list(labels)))
-    print(_worst_line(rows))
-    print(f"reports written to {output}")
-    return rows
+    return case_rows
 
 
 CASE_COLUMNS = ("shift", "case", "phase", "structure", "dice", "hd95_mm", "stem")

@@ -47,7 +47,13 @@ def test_every_config_composes_and_instantiates(group, compose_cfg, tmp_path):
     options = _options(group)
     assert options, f"conf/{group}/ is empty"
     for option in options:
-        cfg = compose_cfg([f"{group}={option}"])
+        extra = []
+        if (group, option) == ("data", "nnunet"):  # its classes come from the dataset's dataset.json
+            (tmp_path / "nnunet").mkdir()
+            (tmp_path / "nnunet" / "dataset.json").write_text(
+                '{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "LV": 1}, "file_ending": ".nii.gz"}')
+            extra = [f"data.root={tmp_path / 'nnunet'}"]
+        cfg = compose_cfg([f"{group}={option}", *extra])
         resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         assert resolved["task"]["stages"]
         if group == "model":
@@ -253,6 +259,25 @@ def test_four_job_multirun_over_growth_rate_and_lr(tmp_path, synthetic_root):
 
 
 @pytest.mark.slow
+def test_the_private_lightning_hook_that_the_ddp_patch_replaces_is_still_there():
+    """seg_densenet/utils/ddp.py replaces lightning_fabric's private ``_hydra_subprocess_cmd``: this fails as
+    soon as Lightning renames it, changes its signature or stops calling it, before a DDP run would."""
+    import inspect
+
+    from lightning_fabric.strategies.launchers import subprocess_script
+
+    from seg_densenet.utils import ddp
+
+    original = subprocess_script._hydra_subprocess_cmd
+    assert list(inspect.signature(original).parameters) == list(inspect.signature(ddp._job_subprocess_cmd).parameters)
+    assert "_hydra_subprocess_cmd(local_rank=local_rank)" in inspect.getsource(subprocess_script._SubprocessScriptLauncher)
+    try:
+        ddp.patch_lightning_hydra_launcher()
+        assert subprocess_script._hydra_subprocess_cmd is ddp._job_subprocess_cmd
+    finally:
+        subprocess_script._hydra_subprocess_cmd = original
+
+
 def test_ddp_on_cpu_with_two_processes(tmp_path, synthetic_root):
     run = tmp_path / "run"
     result = run_cli(["-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), "task=segment",

@@ -51,12 +51,20 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: Layout | Mapping | None) -> Layout:
-        """Build from a config mapping (unknown keys are an error); ``None`` gives the ACDC layout."""
+        """Build from a config mapping (unknown keys are an error); ``None`` gives the ACDC layout;
+        ``format: nnunet`` gives nnU-Net's raw layout (:class:`~seg_densenet.data.nnunet.NnUNetLayout`)."""
         if cfg is None:
             return cls()
-        if isinstance(cfg, Layout):
+        if isinstance(cfg, Layout) or hasattr(cfg, "discover"):
             return cfg
         cfg = dict(cfg)
+        kind = cfg.pop("format", "acdc")
+        if kind == "nnunet":
+            from seg_densenet.data.nnunet import NnUNetLayout
+
+            return NnUNetLayout.from_config({"format": kind, **cfg})
+        if kind != "acdc":
+            raise DataError(f"data.layout.format: {kind!r}; valid: acdc, nnunet")
         unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
         if unknown:
             raise DataError(
@@ -160,6 +168,8 @@ def discover_cases(
     with an ``errors`` list, a bad case is appended to it as ``(name, message)`` and left out instead.
     """
     layout = Layout.from_config(layout)
+    if not isinstance(layout, Layout):  # another dataset format (nnU-Net's raw layout)
+        return layout.discover(root, errors)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")

@@ -29,6 +29,25 @@ from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
 SPLITS = ("train", "val", "test")
 
 
+def _check_arguments(label_set: LabelSet, in_channels: int, num_classes: int, label_mapping: Mapping | None,
+                     crop_jitter: int, foreground_fraction: float | None, augment_margin: int) -> None:
+    """The data options :class:`SegmentationDataModule` checks itself (for callers that bypass the CLI)."""
+    if in_channels != 1:
+        raise ConfigError(f"data.in_channels: short-axis MRI has 1 channel, got {in_channels}")
+    if num_classes != label_set.num_classes:
+        raise ConfigError(f"data.num_classes: data.structures {label_set.class_names[1:]} and background are "
+                          f"{label_set.num_classes} classes, got {num_classes}")
+    if label_mapping and not {int(v) for v in label_mapping.values()} <= set(range(num_classes)):
+        raise ConfigError(f"data.label_mapping: targets must be class values 0..{num_classes - 1} of "
+                          f"data.structures, got {dict(label_mapping)}")
+    if crop_jitter < 0:
+        raise ConfigError(f"data.crop_jitter: must be >= 0 pixels, got {crop_jitter}")
+    if foreground_fraction is not None and not 0 <= foreground_fraction <= 1:
+        raise ConfigError(f"data.foreground_fraction: must be in [0, 1] or null, got {foreground_fraction}")
+    if augment_margin < 0:
+        raise ConfigError(f"data.augment_margin: must be >= 0 pixels, got {augment_margin}")
+
+
 class SegmentationDataModule(pl.LightningDataModule):
     """Cardiac short-axis segmentation data.
 
@@ -88,32 +107,17 @@ class SegmentationDataModule(pl.LightningDataModule):
         num_classes: int = 4,
     ):
         super().__init__()
-        if in_channels != 1:
-            raise ConfigError(f"data.in_channels: short-axis MRI has 1 channel, got {in_channels}")
         self.label_set = LabelSet.from_config(structures)
-        if num_classes != self.label_set.num_classes:
-            raise ConfigError(
-                f"data.num_classes: data.structures {self.label_set.class_names[1:]} and background are {self.label_set.num_classes} "
-                f"classes, got {num_classes}"
-            )
+        _check_arguments(self.label_set, in_channels, num_classes, label_mapping, crop_jitter,
+                         foreground_fraction, augment_margin)
         self.save_hyperparameters(ignore=["augmentation"])
         self.root = Path(root)
         self.layout = Layout.from_config(layout)
         self.label_mapping = {int(k): int(v) for k, v in label_mapping.items()} if label_mapping else None
-        if self.label_mapping is not None and not set(self.label_mapping.values()) <= set(range(num_classes)):
-            raise ConfigError(
-                f"data.label_mapping: targets must be class values 0..{num_classes - 1} of data.structures, got {label_mapping}"
-            )
         self.synthetic = dict(synthetic) if synthetic else None
         self.preprocessor = Preprocessor(normalization, percentiles, target_spacing, crop_size=None)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
-        if crop_jitter < 0:
-            raise ConfigError(f"data.crop_jitter: must be >= 0 pixels, got {crop_jitter}")
         self.crop_jitter = int(crop_jitter)
-        if foreground_fraction is not None and not 0 <= foreground_fraction <= 1:
-            raise ConfigError(f"data.foreground_fraction: must be in [0, 1] or null, got {foreground_fraction}")
-        if augment_margin < 0:
-            raise ConfigError(f"data.augment_margin: must be >= 0 pixels, got {augment_margin}")
         self.foreground_fraction = foreground_fraction
         self.augment_margin = int(augment_margin)
         self.labelled_patients = labelled_patients

@@ -6,6 +6,10 @@ its own (duplicate run directories), and the children would write into ``hydra.r
 the job's sweep directory. Here the children re-run the *job's* overrides in single-run mode, in the
 job's own output directory. After a job, the main process drops the process group and the launch
 variables, so that the next job of a multirun starts fresh children only after this one ended.
+
+The children's command comes from replacing lightning_fabric's private ``_hydra_subprocess_cmd`` (Lightning
+has no public hook for it). ``test_the_private_lightning_hook_that_the_ddp_patch_replaces_is_still_there``
+fails when Lightning renames that function, changes its signature or stops calling it.
 """
 
 from __future__ import annotations
