@@ -152,7 +152,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
         pred = output / "predictions"
         options = OmegaConf.to_container(cfg.predict_options, resolve=True) or {}
-        predict_tree(cfg.ckpt, images, pred, **options)
+        nnunet = (Path(images) / "dataset.json").is_file()  # an nnU-Net raw dataset: its images are in imagesTr/
+        predict_tree(cfg.ckpt, Path(images) / "imagesTr" if nnunet else images, pred, **options)
         gt = gt if gt is not None else images
     if pred is None:
         raise ConfigError("pred: set pred=DIR (predictions) or ckpt=FILE input=DIR (predict, then evaluate)")
@@ -257,6 +258,9 @@ def _load_pair(frame: FramePair, labels: Mapping[str, int], mapping: Mapping[int
 def _clinical_rows(frames: list[FramePair], volumes: dict, warn) -> list[dict]:
     """A ``gt`` and a ``pred`` row of clinical indices per case with exactly one ED and one ES frame."""
     rows = []
+    if not any(f.phase in PHASES for f in frames):
+        warn("no frame has an ED or ES phase: clinical indices skipped")
+        return rows
     for case in sorted({f.case for f in frames}):
         by_phase = {phase: [f for f in frames if f.case == case and f.phase == phase] for phase in PHASES}
         if any(len(found) != 1 for found in by_phase.values()):

@@ -41,7 +41,7 @@ def test_discovery_and_the_classes_of_dataset_json(tmp_path, synthetic_root):
     assert read_dataset_json(root) == {"structures": ["LV", "MYO"], "file_ending": ".nii.gz"}
     cases = discover_cases(root, {"format": "nnunet"})
     assert len(cases) == 12 and cases[0].name == "patient001_frame01" and cases[0].group is None
-    frame = cases[0].frames["image"]
+    frame = cases[0].frames["all"]
     assert frame.image.name == "patient001_frame01_0000.nii.gz" and frame.label.parent.name == "labelsTr"
     # nnU-Net v1 writes labels as value -> name
     (root / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "labels": {"0": "background", "2": "MYO", "1": "LV"}}))
@@ -73,9 +73,12 @@ def test_a_label_map_without_its_image_is_named(tmp_path, synthetic_root):
     assert len(discover_cases(root, {"format": "nnunet"}, errors=errors)) == 11 and errors[0][0] == "patient002_frame01"
 
 
-def test_data_nnunet_trains_and_predicts_with_the_classes_of_dataset_json(compose_cfg, tmp_path, synthetic_root):
+def test_data_nnunet_trains_predicts_and_evaluates_with_the_classes_of_dataset_json(compose_cfg, tmp_path, synthetic_root):
     from seg_densenet.checkpoint import read_checkpoint
-    from seg_densenet.predict import predict_tree
+    from hydra import compose, initialize_config_dir
+
+    from seg_densenet.config import CONFIG_DIR
+    from seg_densenet.evaluate import evaluate
     from seg_densenet.train import train
 
     root = write_nnunet(tmp_path / "Dataset001_Heart", synthetic_root)
@@ -90,7 +93,13 @@ def test_data_nnunet_trains_and_predicts_with_the_classes_of_dataset_json(compos
     assert {"val/dice_lv", "val/dice_myo"} <= set(metrics) and "val/dice_rv" not in metrics
     ckpt = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())["best_checkpoint"]
     assert read_checkpoint(ckpt)["seg_densenet"]["data"]["structures"] == ["LV", "MYO"]
-    image = root / "imagesTr" / "patient001_frame01_0000.nii.gz"
-    (written,) = predict_tree(ckpt, image, tmp_path / "pred")
-    assert written.name == "patient001_frame01_0000_pred.nii.gz"
-    assert set(np.unique(np.asarray(nib.load(written).dataobj)).tolist()) <= {0, 1, 2}
+    # evaluate ckpt= input=<the dataset>: predicts imagesTr/, pairs labelsTr/, one phase ("all")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        eval_cfg = compose(config_name="evaluate", overrides=[
+            f"ckpt={ckpt}", f"input={root}", f"output={tmp_path / 'report'}", "plots=false", "predict_options.tta=false"])
+    summary = evaluate(eval_cfg)
+    written = sorted((tmp_path / "report" / "predictions").glob("*_pred.nii.gz"))
+    assert len(written) == 12 and written[0].name == "patient001_frame01_0000_pred.nii.gz"
+    assert set(np.unique(np.asarray(nib.load(written[0]).dataobj)).tolist()) <= {0, 1, 2}
+    assert list(summary["per_structure"]) == ["LV", "MYO"] and list(summary["per_structure"]["LV"]) == ["all"]
+    assert 0.0 <= summary["per_structure"]["LV"]["all"]["dice"] <= 1.0

@@ -25,6 +25,16 @@ ACDC_STRUCTURES: dict[str, int] = {"RV": 1, "MYO": 2, "LV": 3}
 PHASES: tuple[str, ...] = ("ED", "ES")
 """The cardiac phases an ``Info.cfg`` names and the reports summarise (any other frame is ``"other"``)."""
 
+NO_PHASE = "all"
+"""The phase of a frame in a dataset without phases (nnU-Net's raw layout: one image per case)."""
+
+
+def report_phases(found: Iterable[str]) -> tuple[str, ...]:
+    """The phases a report summarises: ED and ES when the frames have them, else every phase found (``all``
+    for a dataset without phases)."""
+    found = list(dict.fromkeys(found))
+    return PHASES if any(p in PHASES for p in found) else tuple(found)
+
 BACKGROUND = "background"
 
 # structure each clinical index needs (evaluation/clinical.py computes them)

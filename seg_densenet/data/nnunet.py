@@ -8,7 +8,7 @@ nnU-Net v2, ``nnUNet_raw/DatasetXXX_NAME``)::
 ``dataset.json`` gives the classes: ``"labels": {"background": 0, "LV": 1, ...}`` (nnU-Net v1's
 ``{"0": "background", "1": "LV"}`` is read too), whose names become ``data.structures`` through the
 ``${sd.nnunet_structures:DIR}`` config resolver (``conf/data/nnunet.yaml``). Each labelled image is one
-case with one frame (phase ``image``): the split is by case, as nnU-Net's own is, so two frames of one
+case with one frame (phase ``all``): the split is by case, as nnU-Net's own is, so two frames of one
 patient stored as two cases may fall into different folds. Single-channel NIfTI only.
 """
 
@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seg_densenet.data.acdc import Case, Frame
+from seg_densenet.data.labels import NO_PHASE
 from seg_densenet.errors import DataError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
-PHASE = "image"
-"""The phase name of an nnU-Net case's only frame."""
 
 
 def read_dataset_json(root: str | Path) -> dict:
@@ -87,10 +86,9 @@ class NnUNetLayout:
                             f"{sorted(cls.__dataclass_fields__)}")
         return cls(**dict(cfg))
 
-    def discover(self, root: str | Path, errors: list[tuple[str, str]] | None = None) -> list[Case]:
-        """One case per label map under ``labelsTr``, sorted by name, with its ``_0000`` image; a case
-        whose image is missing raises :class:`DataError` naming the file (or, with ``errors``, is
-        appended there and left out)."""
+    def pairs(self, root: str | Path) -> list[tuple[str, Path, Path]]:
+        """``(case, image, label)`` for every label map under ``labelsTr``, sorted by case; the image
+        (``imagesTr/<case>_0000<ending>``) may be missing."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: data folder not found")
@@ -98,18 +96,24 @@ class NnUNetLayout:
         label_dir = root / self.labels
         if not label_dir.is_dir():
             raise DataError(f"{label_dir}: folder not found (nnU-Net's label maps, <case>{ending})")
+        labels = sorted(p for p in label_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
+        if not labels:
+            raise DataError(f"{label_dir}: no label maps <case>{ending} found")
+        names = [label.name[: -len(ending)] for label in labels]
+        return [(name, root / self.images / f"{name}_0000{ending}", label) for name, label in zip(names, labels)]
+
+    def discover(self, root: str | Path, errors: list[tuple[str, str]] | None = None) -> list[Case]:
+        """One case per label map under ``labelsTr``, sorted by name, with its ``_0000`` image; a case
+        whose image is missing raises :class:`DataError` naming the file (or, with ``errors``, is
+        appended there and left out)."""
         cases = []
-        for label in sorted(p for p in label_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")):
-            name = label.name[: -len(ending)]
-            image = root / self.images / f"{name}_0000{ending}"
+        for name, image, label in self.pairs(root):
             if not image.is_file():
                 message = f"{image}: file not found (the image of label map {label.name})"
                 if errors is None:
                     raise DataError(message)
                 errors.append((name, message))
                 continue
-            frame = Frame(case=name, phase=PHASE, index=0, image=image, label=label)
-            cases.append(Case(name=name, folder=label_dir, group=None, frames={PHASE: frame}))
-        if not cases:
-            raise DataError(f"{label_dir}: no label maps <case>{ending} found")
+            frame = Frame(case=name, phase=NO_PHASE, index=0, image=image, label=label)
+            cases.append(Case(name=name, folder=label.parent, group=None, frames={NO_PHASE: frame}))
         return cases

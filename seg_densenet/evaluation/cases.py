@@ -1,6 +1,7 @@
 """Finding ground-truth frames in an ACDC-layout tree and pairing them with predictions.
 
-Ground truth: ``<gt_root>/.../<case>/<stem>_gt.nii.gz`` (the case folder may have any name, e.g.
+Ground truth: an nnU-Net raw dataset folder (``dataset.json``, ``labelsTr/<case>.nii.gz``, predictions
+``<case>_0000_pred.nii.gz``), or ``<gt_root>/.../<case>/<stem>_gt.nii.gz`` (the case folder may have any name, e.g.
 ``patient001`` or an M&Ms code ``A1D0Q7``), with the image ``<stem>.nii.gz`` and ``Info.cfg`` beside
 it. ``Info.cfg`` holds ``ED: n`` and ``ES: m``, the frame numbers that appear in stems as
 ``_frameNN`` (``patient001_frame01``). Predictions: ``<stem>_pred.nii.gz`` anywhere under the
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seg_densenet.data.acdc import read_info_cfg
-from seg_densenet.data.labels import PHASES
+from seg_densenet.data.labels import NO_PHASE, PHASES
 from seg_densenet.errors import DataError
 from seg_densenet.utils.files import walk_files
 
@@ -83,6 +84,8 @@ def find_frames(
     for name, root in (("gt", gt_root), ("pred", pred_root)):
         if not root.is_dir():
             raise DataError(f"{root}: {name} folder not found")
+    if (gt_root / "dataset.json").is_file():
+        return _nnunet_frames(gt_root, pred_root, allow_missing, warn)
     gts = find_labelled(gt_root, "gt")
     if not gts:
         raise DataError(f"{gt_root}: no ground-truth files (<case>/<stem>_gt.nii.gz) found")
@@ -116,4 +119,26 @@ def find_frames(
         )
     if not frames:
         raise DataError(f"{pred_root}: none of the {len(gts)} ground-truth frames has a prediction")
+    return frames
+
+
+def _nnunet_frames(gt_root: Path, pred_root: Path, allow_missing: bool, warn: Callable[[str], None]) -> list[FramePair]:
+    """Frames of an nnU-Net raw dataset (``labelsTr/<case>``), each paired with ``<case>_0000_pred`` or
+    ``<case>_pred`` under ``pred_root``; one frame per case, phase ``all``."""
+    from seg_densenet.data.nnunet import NnUNetLayout
+
+    preds = find_labelled(pred_root, "pred")
+    frames = []
+    for case, image, label in NnUNetLayout().pairs(gt_root):
+        pred_path = preds.get(f"{case}_0000", preds.get(case))
+        if pred_path is None:
+            if not allow_missing:
+                raise DataError(
+                    f"{label}: no prediction '{case}_0000_pred.nii.gz' under {pred_root} (allow_missing=true skips it)"
+                )
+            warn(f"no prediction for {case}; skipped")
+            continue
+        frames.append(FramePair(case, case, NO_PHASE, label, pred_path, image))
+    if not frames:
+        raise DataError(f"{pred_root}: none of the label maps under {gt_root} has a prediction")
     return frames

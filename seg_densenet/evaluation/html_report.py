@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from seg_densenet.data.labels import report_phases
 from seg_densenet.utils.atomic import atomic_write_text
 
 _STYLE = """
@@ -107,7 +108,7 @@ def patient_rows(metric_rows: Sequence[dict], clinical_rows: Sequence[dict],
                  structures: Sequence[str]) -> tuple[list[str], list[list]]:
     """Columns and one row per patient: Dice and HD95 per structure and phase, and the clinical indices
     (prediction, ground truth)."""
-    phases = ("ED", "ES")
+    phases = report_phases(r["phase"] for r in metric_rows)
     columns = ["patient"]
     columns += [f"Dice {s} {p}" for s in structures for p in phases]
     columns += [f"HD95 {s} {p}" for s in structures for p in phases]

@@ -15,17 +15,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from seg_densenet.data.labels import PHASES
+from seg_densenet.data.labels import report_phases
 from seg_densenet.utils.atomic import atomic_path
 
 
 def dice_boxplot(metric_rows: Sequence[dict], structures: Sequence[str], path: Path) -> None:
     """Box plot of the per-frame Dice of every structure at ED and ES."""
-    fig = _figure(1.6 * len(structures) * len(PHASES) + 1.5, 4.0)
+    phases = report_phases(r["phase"] for r in metric_rows)
+    fig = _figure(1.6 * len(structures) * len(phases) + 1.5, 4.0)
     ax = fig.add_subplot()
     data, names = [], []
     for s in structures:
-        for phase in PHASES:
+        for phase in phases:
             values = [r["dice"] for r in metric_rows if r["structure"] == s and r["phase"] == phase]
             data.append(values)
             names.append(f"{s}\n{phase}")

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from seg_densenet.data.labels import PHASES, indices_for
+from seg_densenet.data.labels import indices_for, report_phases
 from seg_densenet.evaluation.clinical import INDEX_NAMES, agreement
 from seg_densenet.evaluation.metrics import METRIC_NAMES, aggregate
 from seg_densenet.utils.atomic import atomic_write_text
@@ -51,7 +51,7 @@ def summarise(
                 m: aggregate([r[m] for r in metric_rows if r["structure"] == s and r["phase"] == phase])
                 for m in METRIC_NAMES
             }
-            for phase in PHASES
+            for phase in report_phases(r["phase"] for r in metric_rows)
         }
         for s in structures
     }
