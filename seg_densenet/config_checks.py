@@ -228,6 +228,7 @@ _MODEL = [
     rule("model.compression", number_in(0, 1), nullable=True),
     rule("model.drop_rate", number_in(0, 1, high_open=True), nullable=True),
     rule("model.decoder_growth_rate", int_at_least(1), nullable=True),
+    rule("model.deep_supervision", int_at_least(0)),
     rule("model.encoder_weights", WEIGHTS, nullable=True),
     rule("model.weights", WEIGHTS, nullable=True),
 ]

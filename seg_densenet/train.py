@@ -134,14 +134,12 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = _callbacks(cfg, stage_cfg, stage_dir)
     ckpt_path = _resume_checkpoint(cfg, stage_dir)
-    loggers = []
-    for logger_cfg in (cfg.get("logger") or {}).values():
-        if not logger_cfg:
-            continue
-        kwargs = {"save_dir": str(stage_dir)}
-        if ckpt_path and logger_cfg.get("_target_") == "seg_densenet.lit.loggers.CSVLogger":
-            kwargs["keep_until_step"] = int(safe_torch_load(ckpt_path).get("global_step", 0))
-        loggers.append(instantiate(logger_cfg, **kwargs))
+    loggers = [instantiate(lg, save_dir=str(stage_dir)) for lg in (cfg.get("logger") or {}).values() if lg]
+    if ckpt_path:
+        step = int(safe_torch_load(ckpt_path).get("global_step", 0))
+        for logger in loggers:
+            if hasattr(logger, "keep_until_step"):  # a logger that carries a resumed run's history over
+                logger.keep_until_step = step
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=stage_cfg.max_epochs,
         default_root_dir=str(stage_dir),

@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 from seg_densenet.errors import CheckpointError, ConfigError
+from seg_densenet.lit.losses import DiceCELoss, deep_supervision_loss
 from seg_densenet.models import DenseUNet, build_densenet, smp_unet
 from seg_densenet.models.unet_decoder import UNetDecoder
 
@@ -166,6 +167,32 @@ def test_dense_unet_takes_another_decoder_through_its_seam(input_skip, size):
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ConfigError, match="decoder_channels needs 5 entries"):
         small(decoder=partial(UNetDecoder, decoder_channels=[16, 8]))
+
+
+def test_deep_supervision_adds_auxiliary_logits_in_training_only():
+    torch.manual_seed(0)
+    model = small(deep_supervision=2)
+    x = torch.randn(2, 1, 70, 90)  # not a multiple of 32: the auxiliary maps cover the input's pixels only
+    outputs = model.train()(x)
+    assert [tuple(o.shape) for o in outputs] == [(2, 4, 70, 90), (2, 4, 35, 45), (2, 4, 18, 23)]
+    target = torch.randint(0, 4, (2, 70, 90))
+    loss = deep_supervision_loss(DiceCELoss(), outputs, target)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # weights 1, 1/2, 1/4 normalised; with one output it is the plain loss
+    parts = [DiceCELoss()(o, torch.nn.functional.interpolate(target[:, None].float(), size=o.shape[-2:])[:, 0].long())
+             for o in outputs]
+    torch.testing.assert_close(loss, (parts[0] + parts[1] / 2 + parts[2] / 4) / 1.75)
+    torch.testing.assert_close(deep_supervision_loss(DiceCELoss(), outputs[:1], target), parts[0])
+    # evaluation: the logits alone, the same as the model without auxiliary heads
+    plain = small()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("aux_heads.")})
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+    with pytest.raises(ConfigError, match="deep_supervision must be 0..4"):
+        small(deep_supervision=5)
+    with pytest.raises(ConfigError, match="needs the dense decoder"):
+        small(deep_supervision=1, decoder=partial(UNetDecoder, decoder_channels=[16, 12, 8, 8, 4]))
 
 
 def test_memory_efficient_mode_gives_identical_outputs_and_gradients():

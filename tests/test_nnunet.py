@@ -74,9 +74,9 @@ def test_a_label_map_without_its_image_is_named(tmp_path, synthetic_root):
 
 
 def test_data_nnunet_trains_predicts_and_evaluates_with_the_classes_of_dataset_json(compose_cfg, tmp_path, synthetic_root):
-    from seg_densenet.checkpoint import read_checkpoint
     from hydra import compose, initialize_config_dir
 
+    from seg_densenet.checkpoint import read_checkpoint
     from seg_densenet.config import CONFIG_DIR
     from seg_densenet.evaluate import evaluate
     from seg_densenet.train import train

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import math
 import re
 import signal
 import subprocess
@@ -118,6 +119,13 @@ def test_channels_last_training_runs_in_nhwc_and_matches_nchw(compose_cfg, tmp_p
     assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
     x = torch.randn(2, 1, 64, 64)
     torch.testing.assert_close(nhwc.eval()(x), nchw.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_deep_supervision_trains_through_the_config(compose_cfg, tmp_path, synthetic_root):
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "debug=fast_dev_run",
+                       "model.deep_supervision=2"])
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/dice"] <= 1.0 and math.isfinite(metrics["train/loss"])
 
 
 def test_pipeline_hands_stage1_weights_to_the_encoder(compose_cfg, tmp_path, synthetic_root):

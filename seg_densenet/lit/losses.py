@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
+from torch.nn import functional as F
 
 from seg_densenet.errors import ConfigError
 
@@ -44,3 +47,19 @@ def build_loss(name: str, class_weights: list[float] | None = None) -> nn.Module
     if name == "dice_ce":
         return DiceCELoss(class_weights)
     raise ConfigError(f"task.segment.loss: unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+
+
+def deep_supervision_loss(loss_fn: nn.Module, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's deep-supervision loss: ``loss_fn`` of each output, full resolution first, against the
+    target resized to it (nearest), weighted 1, 1/2, 1/4, ... and normalised to sum to 1.
+
+    outputs: logits ``(B, C, H, W)``, then auxiliary logits ``(B, C, H / 2**i, W / 2**i)``; target ``(B, H, W)``.
+    """
+    weights = [0.5**i for i in range(len(outputs))]
+    loss = outputs[0].new_zeros(())
+    for weight, logits in zip(weights, outputs):
+        scaled = target
+        if logits.shape[-2:] != target.shape[-2:]:
+            scaled = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        loss = loss + weight * loss_fn(logits, scaled)
+    return loss / sum(weights)

@@ -10,7 +10,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.evaluation.metrics import dice, iou, structure_metrics
 from seg_densenet.lit.base import BaseModule
-from seg_densenet.lit.losses import build_loss
+from seg_densenet.lit.losses import build_loss, deep_supervision_loss
 
 
 class SegmentationModule(BaseModule):
@@ -87,8 +87,11 @@ class SegmentationModule(BaseModule):
         return self.current_epoch if self._trainer is not None else 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = self.loss_fn(logits, batch["mask"])
+        outputs = self(batch["image"])
+        if isinstance(outputs, tuple):  # deep supervision: logits and auxiliary logits at lower resolutions
+            loss = deep_supervision_loss(self.loss_fn, outputs, batch["mask"])
+        else:
+            loss = self.loss_fn(outputs, batch["mask"])
         self.check_finite(loss, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss

@@ -31,6 +31,7 @@ from seg_densenet.models.layers import (
     TransposedUp,
     decoder_stages,
     init_weights,
+    pad_to_multiple,
     padded_forward,
     set_mc_dropout,
 )
@@ -153,14 +154,26 @@ class DenseDecoder(nn.Module):
                 image: Tensor | None = None) -> Tensor:
         """``features``: encoder maps high to low resolution; ``size``: (H, W) of the logits; ``image``:
         the input, needed when the decoder was built with ``input_channels``."""
+        return self.forward_stages(features, size, image)[-1]
+
+    def forward_stages(self, features: list[Tensor], size: tuple[int, int] | torch.Size,
+                       image: Tensor | None = None) -> list[Tensor]:
+        """The output of every stage, deep (stride 16) to shallow (the last is :meth:`forward`'s)."""
         if self.input_skip and image is None:
             raise ValueError("this decoder concatenates the input image at full resolution: pass image=")
         x = features[-1]
+        outputs = []
         stages = decoder_stages(features, size, image if self.input_skip else None)
         for up, block, (target, skip) in zip(self.ups, self.blocks, stages):
             x = up(x, target)
             x = block(x if skip is None else torch.cat([x, skip], 1))
-        return x
+            outputs.append(x)
+        return outputs
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Channels of each stage's output, deep to shallow."""
+        return [block.num_output_features for block in self.blocks]
 
 
 class SegmentationHead(nn.Module):
@@ -202,6 +215,11 @@ class DenseUNet(nn.Module):
         mc_dropout: keep the decoder's dropout active in eval mode (Monte-Carlo dropout).
         input_skip: concatenate the input image to the decoder's full-resolution stage (a U-Net's
             first skip), which sharpens boundaries at little cost; give that stage at least one layer.
+        deep_supervision: ``n`` > 0 adds a head to each of the ``n`` decoder stages before the last
+            (strides 2, 4, ...); in training mode ``forward`` then returns ``(logits, aux_stride2, ...)``,
+            which :func:`~seg_densenet.lit.losses.deep_supervision_loss` weighs 1, 1/2, 1/4, ... as in
+            nnU-Net (Isensee et al.'s ACDC entry used it). Evaluation mode returns the logits alone, so
+            prediction and export are unchanged. Dense decoder only.
         decoder: another decoder instead of the dense one: a factory (in config, a ``_partial_: true``
             node whose ``_target_`` is the decoder class, e.g. :class:`~seg_densenet.models.unet_decoder.
             UNetDecoder`) called with ``encoder_channels`` and ``input_channels``, returning a module with
@@ -238,6 +256,7 @@ class DenseUNet(nn.Module):
         mc_dropout: bool = False,
         input_skip: bool = False,
         decoder: Callable[..., nn.Module] | None = None,
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         named = dict(zip(ENCODER_ARCHITECTURE, (growth_rate, block_config, num_init_features, bn_size)))
@@ -257,22 +276,49 @@ class DenseUNet(nn.Module):
         else:
             self.decoder = decoder(encoder_channels=self.encoder.feature_channels, input_channels=input_channels)
         self.head = SegmentationHead(self.decoder.out_channels, num_classes)
+        self.aux_heads = self._aux_heads(deep_supervision, num_classes)
         init_weights(self.decoder)
         init_weights(self.head)
+        init_weights(self.aux_heads)
         self.enable_mc_dropout(mc_dropout)
+
+    def _aux_heads(self, n: int, num_classes: int) -> nn.ModuleList:
+        if n == 0:
+            return nn.ModuleList()
+        channels = getattr(self.decoder, "stage_channels", None)
+        if channels is None:
+            raise ConfigError("deep_supervision needs the dense decoder (decoder: null)")
+        if not 0 < n < len(channels):
+            raise ConfigError(f"deep_supervision must be 0..{len(channels) - 1} (decoder stages before the last), got {n}")
+        # the stages just before the last, shallow to deep: strides 2, 4, ...
+        return nn.ModuleList(SegmentationHead(c, num_classes) for c in channels[-2 : -2 - n : -1])
 
     def enable_mc_dropout(self, flag: bool = True) -> None:
         """Keep (``True``) or stop keeping (``False``) the decoder's dropout active in eval mode."""
         set_mc_dropout(self, flag)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, in_channels, H, W)`` -> logits ``(B, num_classes, H, W)``."""
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """``(B, in_channels, H, W)`` -> logits ``(B, num_classes, H, W)`` (in training with deep
+        supervision: the logits and the auxiliary logits at strides 2, 4, ...)."""
         if x.shape[-2] < self.min_size or x.shape[-1] < self.min_size:
             raise ValueError(
                 f"DenseUNet needs H and W >= {self.min_size}, got {tuple(x.shape[-2:])}; "
                 f"pad the image to {self.min_size}x{self.min_size}"
             )
+        if self.training and len(self.aux_heads):
+            return self._forward_supervised(x)
         return padded_forward(self._forward_padded, x, self.size_multiple)
 
     def _forward_padded(self, x: Tensor) -> Tensor:
         return self.head(self.decoder(self.encoder(x), x.shape[-2:], x))
+
+    def _forward_supervised(self, x: Tensor) -> tuple[Tensor, ...]:
+        h, w = x.shape[-2:]
+        padded = pad_to_multiple(x, self.size_multiple)
+        stages = self.decoder.forward_stages(self.encoder(padded), padded.shape[-2:], padded)
+        logits = self.head(stages[-1]).narrow(-2, 0, h).narrow(-1, 0, w)
+        aux = []
+        for i, (head, stage) in enumerate(zip(self.aux_heads, reversed(stages[:-1])), start=1):
+            stride = 2**i  # the padding sits at the bottom and right: keep the maps of the input's pixels
+            aux.append(head(stage).narrow(-2, 0, -(-h // stride)).narrow(-1, 0, -(-w // stride)))
+        return (logits, *aux)
