@@ -199,6 +199,31 @@ def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats():
         torch.testing.assert_close(efficient.eval()(x), plain.eval()(x))
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_memory_efficient_matches_plain_under_bf16_autocast(device):
+    """The hand-written backward of memory-efficient mode under bf16 autocast (``trainer=gpu`` uses
+    bf16-mixed): same outputs and gradients as plain mode up to bf16 rounding, BN statistics moved once."""
+    torch.manual_seed(0)
+    plain = _small(drop_rate=0.0).to(device)
+    efficient = _small(memory_efficient=True).to(device)
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, 32, 32, device=device)
+    grads = []
+    for model in (plain, efficient):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            grads.append(_train_step(model, x))
+    for name in grads[0]:
+        assert grads[1][name].dtype == grads[0][name].dtype == torch.float32, name
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=2e-2, rtol=5e-2, msg=name)
+    for (name, a), b in zip(efficient.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2, msg=name)
+    assert int(efficient.features.norm0.num_batches_tracked) == 1
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        torch.testing.assert_close(efficient.eval()(x), plain.eval()(x), atol=2e-2, rtol=5e-2)
+
+
 def test_memory_efficient_gradients_with_frozen_batchnorm_in_eval_mode():
     torch.manual_seed(0)
     plain, efficient = _small(), _small(memory_efficient=True)

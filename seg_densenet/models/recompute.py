@@ -1,6 +1,21 @@
 """Memory-efficient mode (Pleiss et al. 2017): maps that are cheap to recompute are freed after the
 forward pass and recomputed in backward instead of stored.
 
+What is stored and what is recomputed, per dense layer H = Conv(ReLU(BN(cat(inputs)))):
+
+- stored: the layer's inputs (the maps of the block so far, which the block keeps anyway in one shared
+  buffer, :mod:`~seg_densenet.models.shared_storage`), BN's batch mean and inverse std, and the conv's
+  output (the next layers' input);
+- freed after forward, recomputed in backward: the concatenation and the BN + ReLU output. These are the
+  layer's largest tensors (all input channels at full size) and cost one elementwise pass to rebuild,
+  while the conv, the expensive part, is never run again;
+- why: a plain dense block stores a concatenated copy per layer, quadratic in depth; this keeps memory
+  linear in depth for about 15 to 20 % more time per step (docs/benchmarks.md).
+
+BN running statistics move once per step, not again in the recomputation (:func:`frozen_bn_statistics`).
+Tests compare outputs, gradients and running statistics with plain mode in fp32 and under bf16 autocast
+(``tests/test_densenet.py``; the bf16 case also runs on CUDA when a GPU is present).
+
 :func:`composite_chain` runs composite functions H = Conv(ReLU(BN(cat(inputs)))) either plainly or
 through :class:`CompositeChainFunction`, which stores only its inputs and walks the chain back by hand.
 :func:`checkpoint_with_bn` is ``torch.utils.checkpoint`` for other recomputed parts (the classifier's
