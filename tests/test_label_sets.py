@@ -70,11 +70,12 @@ def test_a_left_ventricle_only_dataset_trains_predicts_and_evaluates_from_one_ya
     report = tmp_path / "report"
     result = run_cli([
         "-m", "seg_densenet.evaluate", f"ckpt={summary['best_checkpoint']}", f"input={synthetic_root}",
-        f"output={report}", "plots=false", "predict_options.tta=false",
+        f"split={run / 'split.json'}", "subset=test", f"output={report}", "plots=false", "predict_options.tta=false",
     ])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    test_patients = json.loads((run / "split.json").read_text())["test"]
     predictions = sorted((report / "predictions").rglob("*_pred.nii.gz"))
-    assert len(predictions) == 12
+    assert len(predictions) == 2 * len(test_patients)
     assert set(np.unique(np.asarray(nib.load(predictions[0]).dataobj))) <= {0, 1}
     evaluated = json.loads((report / "summary.json").read_text())
     assert list(evaluated["per_structure"]) == ["LV"]
