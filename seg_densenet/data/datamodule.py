@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader
 
 from seg_densenet.data.acdc import GROUPS, Case, Layout, discover_cases
 from seg_densenet.data.cache import CachedVolume, VolumeCache
-from seg_densenet.data.datasets import DiagnosisSliceDataset, ImageFolderDataset, SliceDataset, VolumeDataset
+from seg_densenet.data.datasets import (
+    DiagnosisSliceDataset,
+    ImageFolderDataset,
+    SliceDataset,
+    VolumeDataset,
+    check_crop_options,
+)
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.data.splits import labelled_subset, make_split, save_split
@@ -40,12 +46,7 @@ def _check_arguments(label_set: LabelSet, in_channels: int, num_classes: int, la
     if label_mapping and not {int(v) for v in label_mapping.values()} <= set(range(num_classes)):
         raise ConfigError(f"data.label_mapping: targets must be class values 0..{num_classes - 1} of "
                           f"data.structures, got {dict(label_mapping)}")
-    if crop_jitter < 0:
-        raise ConfigError(f"data.crop_jitter: must be >= 0 pixels, got {crop_jitter}")
-    if foreground_fraction is not None and not 0 <= foreground_fraction <= 1:
-        raise ConfigError(f"data.foreground_fraction: must be in [0, 1] or null, got {foreground_fraction}")
-    if augment_margin < 0:
-        raise ConfigError(f"data.augment_margin: must be >= 0 pixels, got {augment_margin}")
+    check_crop_options(crop_jitter, foreground_fraction, augment_margin)
 
 
 class SegmentationDataModule(pl.LightningDataModule):

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from seg_densenet.data.cache import CachedVolume
 from seg_densenet.data.preprocess import center_shift, place
-from seg_densenet.errors import DataError
+from seg_densenet.errors import ConfigError, DataError
 
 
 class _CachedArrays:
@@ -66,6 +66,17 @@ class _CachedArrays:
         return place(img, size, shift, fill=float(img.min())), place(msk, size, shift, fill=0)
 
 
+def check_crop_options(crop_jitter: int, foreground_fraction: float | None, augment_margin: int) -> None:
+    """The training-crop options (``data.crop_jitter``, ``data.foreground_fraction``, ``data.augment_margin``),
+    checked; raises :class:`ConfigError` naming the option."""
+    if crop_jitter < 0:
+        raise ConfigError(f"data.crop_jitter: must be >= 0 pixels, got {crop_jitter}")
+    if foreground_fraction is not None and not 0 <= foreground_fraction <= 1:
+        raise ConfigError(f"data.foreground_fraction: must be in [0, 1] or null, got {foreground_fraction}")
+    if augment_margin < 0:
+        raise ConfigError(f"data.augment_margin: must be >= 0 pixels, got {augment_margin}")
+
+
 class SliceDataset(Dataset):
     """Training slices. Item: ``{"image": (1, H, W) float32, "mask": (H, W) int64, "case": "patient001_ED"}``.
 
@@ -96,12 +107,7 @@ class SliceDataset(Dataset):
         self.store = _CachedArrays(entries)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.augment = augment
-        if crop_jitter < 0:
-            raise ValueError(f"crop_jitter must be >= 0, got {crop_jitter}")
-        if foreground_fraction is not None and not 0 <= foreground_fraction <= 1:
-            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
-        if augment_margin < 0:
-            raise ValueError(f"augment_margin must be >= 0, got {augment_margin}")
+        check_crop_options(crop_jitter, foreground_fraction, augment_margin)
         self.crop_jitter = int(crop_jitter)
         self.foreground_fraction = foreground_fraction
         self.augment_margin = int(augment_margin) if self.crop_size is not None else 0

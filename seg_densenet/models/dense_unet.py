@@ -33,6 +33,7 @@ from seg_densenet.models.layers import (
     init_weights,
     pad_to_multiple,
     padded_forward,
+    per_stage,
     set_mc_dropout,
 )
 from seg_densenet.models.weights import load_pretrained, weights_file
@@ -125,11 +126,7 @@ class DenseDecoder(nn.Module):
         input_channels: int = 0,
     ) -> None:
         super().__init__()
-        decoder_layers = [int(n) for n in decoder_layers]
-        if len(decoder_layers) != len(encoder_channels):
-            raise ConfigError(
-                f"decoder_layers needs {len(encoder_channels)} entries (one per stride-2 step), got {decoder_layers}"
-            )
+        decoder_layers = per_stage(decoder_layers, encoder_channels, "decoder_layers")
         if upsample not in UPSAMPLE_MODES:
             raise ConfigError(f"unknown upsample {upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
         if any(n < 0 for n in decoder_layers):

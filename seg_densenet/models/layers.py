@@ -8,10 +8,13 @@ FC-DenseNet (and the DenseUNet decoder) from growing without bound.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seg_densenet.errors import ConfigError
 from seg_densenet.models.recompute import composite_chain
 from seg_densenet.models.shared_storage import dense_block_forward
 
@@ -195,3 +198,11 @@ def decoder_stages(features: list[Tensor], size, image: Tensor | None) -> list[t
     skips = [*reversed(features[:-1]), image]
     targets = [f.shape[-2:] for f in reversed(features[:-1])] + [torch.Size(size)]
     return list(zip(targets, skips))
+
+
+def per_stage(values: Sequence[int], encoder_channels: Sequence[int], option: str) -> list[int]:
+    """A decoder setting with one integer per stride-2 step (one per encoder tap), checked."""
+    values = [int(v) for v in values]
+    if len(values) != len(encoder_channels):
+        raise ConfigError(f"{option} needs {len(encoder_channels)} entries (one per stride-2 step), got {values}")
+    return values

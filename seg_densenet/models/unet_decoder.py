@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from seg_densenet.errors import ConfigError
-from seg_densenet.models.layers import decoder_stages
+from seg_densenet.models.layers import decoder_stages, per_stage
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -65,11 +65,7 @@ class UNetDecoder(nn.Module):
         input_channels: int = 0,
     ) -> None:
         super().__init__()
-        decoder_channels = [int(c) for c in decoder_channels]
-        if len(decoder_channels) != len(encoder_channels):
-            raise ConfigError(
-                f"decoder_channels needs {len(encoder_channels)} entries (one per stride-2 step), got {decoder_channels}"
-            )
+        decoder_channels = per_stage(decoder_channels, encoder_channels, "decoder_channels")
         if any(c < 1 for c in decoder_channels):
             raise ConfigError(f"decoder_channels must be >= 1, got {decoder_channels}")
         skip_channels = [*reversed(encoder_channels[:-1]), input_channels]
