@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from seg_densenet.data.acdc import map_labels
+from seg_densenet.data.acdc import apply_label_mapping
 from seg_densenet.data.labels import ACDC_STRUCTURES, PHASES, LabelSet, indices_for
 from seg_densenet.data.nifti import Volume, check_label_values, load_volume
 from seg_densenet.data.splits import split_patients
@@ -235,10 +235,7 @@ def _load_pair(frame: FramePair, labels: Mapping[str, int], mapping: Mapping[int
     """Ground truth (mapped to the predictions' values by ``mapping``, if any) and prediction of a frame,
     checked for label values and equal geometry."""
     allowed = {0, *labels.values()}
-    gt_vol = load_volume(frame.gt_path, label=True)
-    check_label_values(gt_vol, allowed if mapping is None else mapping)
-    if mapping is not None:
-        gt_vol.data = map_labels(gt_vol.data, mapping)
+    gt_vol = apply_label_mapping(load_volume(frame.gt_path, label=True), mapping or {v: v for v in allowed})
     pred_vol = load_volume(frame.pred_path, label=True)
     if pred_vol.shape != gt_vol.shape:
         raise DataError(
@@ -283,7 +280,8 @@ def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, mappi
     }
     patients = sorted(by_source["gt"])
     if patients:
-        for key, name, unit in (entry for entry in _BLAND_ALTMAN if entry[0] in indices_for(labels)):
+        indices = indices_for(labels)
+        for key, name, unit in (entry for entry in _BLAND_ALTMAN if entry[0] in indices):
             pred = [by_source["pred"][p][key] for p in patients]
             gt = [by_source["gt"][p][key] for p in patients]
             plots.bland_altman(pred, gt, name, unit, output / f"bland_altman_{key.rsplit('_', 1)[0]}.png")

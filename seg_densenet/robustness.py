@@ -28,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from seg_densenet.data.acdc import map_labels
+from seg_densenet.data.acdc import apply_label_mapping
 from seg_densenet.data.labels import LabelSet
-from seg_densenet.data.nifti import Volume, check_label_values, load_volume
+from seg_densenet.data.nifti import Volume, load_volume
 from seg_densenet.data.preprocess import _resample
 from seg_densenet.data.splits import split_patients
 from seg_densenet.errors import ConfigError, DataError
@@ -336,9 +336,8 @@ def _load_frame(frame: FramePair, labels: dict[str, int], mapping: dict[int, int
     """Image and ground truth, in the checkpoint's class values (mapped as its training data was)."""
     image = load_volume(frame.image_path)
     gt = load_volume(frame.gt_path, label=True)
-    check_label_values(gt, {0, *labels.values()} if mapping is None else {int(k) for k in mapping})
-    if mapping is not None:
-        gt.data = map_labels(gt.data, {int(k): int(v) for k, v in mapping.items()})
+    identity = {v: v for v in (0, *labels.values())}
+    apply_label_mapping(gt, {int(k): int(v) for k, v in mapping.items()} if mapping else identity)
     if image.shape != gt.shape or not np.allclose(image.affine, gt.affine, atol=1e-3):
         raise DataError(f"{frame.gt_path}: shape or affine differs from its image {frame.image_path.name}")
     return image, gt

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 
 from seg_densenet.checkpoint import read_checkpoint
-from seg_densenet.data.labels import ACDC, LabelSet
+from seg_densenet.data.labels import ACDC, LabelSet, indices_for
 from seg_densenet.errors import ConfigError
 
 LV_ONLY_YAML = """\
@@ -31,10 +31,10 @@ def test_label_set_rules():
     assert ACDC.metric_names == {"rv": 1, "myo": 2, "lv": 3}
     assert ACDC.identity_mapping == {0: 0, 1: 1, 2: 2, 3: 3}
     lv = LabelSet.from_config({"LV": 1})
-    assert lv.num_classes == 2 and lv.clinical_indices == ["LV_EDV_ml", "LV_ESV_ml", "LV_EF_pct"]
+    assert lv.num_classes == 2 and indices_for(lv.structures) == ["LV_EDV_ml", "LV_ESV_ml", "LV_EF_pct"]
     assert LabelSet.from_config(["Myocardium", "Scar"]).structures == {"Myocardium": 1, "Scar": 2}
     assert LabelSet.from_config({"Scar": 2, "Myocardium": 1}).class_names == ["background", "Myocardium", "Scar"]
-    assert LabelSet.from_config({"Scar": 1}).clinical_indices == []
+    assert indices_for(LabelSet.from_config({"Scar": 1}).structures) == []
     assert LabelSet.from_record({"data": {}}) == ACDC  # checkpoints from before label sets were recorded
     for bad, message in [
         ({}, "expected structure names"),

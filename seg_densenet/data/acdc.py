@@ -241,9 +241,16 @@ def load_frame(frame: Frame, label_mapping: Mapping[int, int] | None = None) -> 
         raise DataError(
             f"{frame.label}: label shape {label.shape} differs from image shape {image.shape} ({frame.image.name})"
         )
+    apply_label_mapping(label, mapping)
+    return image, label
+
+
+def apply_label_mapping(label: Volume, mapping: Mapping[int, int]) -> Volume:
+    """``label`` (in place) with every value replaced by ``mapping[value]``; a value the mapping does not
+    cover raises :class:`DataError` naming the file."""
     check_label_values(label, mapping)
     label.data = map_labels(label.data, mapping)
-    return image, label
+    return label
 
 
 def map_labels(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:

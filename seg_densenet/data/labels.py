@@ -1,9 +1,10 @@
 """The classes of a segmentation dataset: the one source of label facts.
 
 A dataset's config lists its structures in class-value order (``data.structures``; ACDC:
-``[RV, MYO, LV]``, so RV is 1, MYO 2 and LV 3); class 0 is background. A list, not a mapping, so that a
-dataset's yaml replaces the structures of the config it inherits instead of merging with them. Files that code structures differently are mapped
-to these values by ``data.label_mapping`` (source value -> class value; M&Ms: ``{1: 3, 2: 2, 3: 1}``).
+``[RV, MYO, LV]``, so RV is 1, MYO 2 and LV 3); class 0 is background. A list, not a mapping, so that
+a dataset's yaml replaces the structures of the config it inherits instead of merging with them. Files
+that code structures differently are mapped to these values by ``data.label_mapping`` (source value ->
+class value; M&Ms: ``{1: 3, 2: 2, 3: 1}``).
 Everything else reads a :class:`LabelSet`: the number of classes of the model, the metrics a training
 run logs (``val/dice_<name>``), the checkpoint's record, evaluation, prediction's clinical indices and
 the overlays.
@@ -34,6 +35,7 @@ def report_phases(found: Iterable[str]) -> tuple[str, ...]:
     for a dataset without phases)."""
     found = list(dict.fromkeys(found))
     return PHASES if any(p in PHASES for p in found) else tuple(found)
+
 
 BACKGROUND = "background"
 
@@ -84,7 +86,7 @@ class LabelSet:
 
     @classmethod
     def from_record(cls, record: Mapping) -> LabelSet:
-        """The label set a checkpoint was trained with (``record["data"]["labels"]``; ACDC's for
+        """The label set a checkpoint was trained with (``record["data"]["structures"]``; ACDC's for
         checkpoints written before label sets were recorded)."""
         return cls.from_config((record.get("data") or {}).get("structures"), "checkpoint data.structures")
 
@@ -107,11 +109,6 @@ class LabelSet:
     def identity_mapping(self) -> dict[int, int]:
         """``{v: v}`` for every class value: the label mapping of files coded like the label set."""
         return {v: v for v in range(self.num_classes)}
-
-    @property
-    def clinical_indices(self) -> list[str]:
-        """The clinical indices its structures allow, in report order (none without LV, RV or MYO)."""
-        return indices_for(self.structures)
 
 
 def indices_for(structures: Iterable[str]) -> list[str]:

@@ -16,15 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seg_densenet.data.labels import indices_for, report_phases
-from seg_densenet.evaluation.clinical import INDEX_NAMES, agreement
+from seg_densenet.evaluation.clinical import agreement
 from seg_densenet.evaluation.metrics import METRIC_NAMES, aggregate
 from seg_densenet.utils.atomic import atomic_write_text
 
 METRIC_COLUMNS: tuple[str, ...] = ("case", "phase", "structure", *METRIC_NAMES, "stem")
-CLINICAL_COLUMNS: tuple[str, ...] = ("patient", "source", *INDEX_NAMES)
-"""The columns of ``clinical.csv`` for a label set with LV, RV and MYO (:func:`clinical_columns`)."""
-
-
 def clinical_columns(structures: Sequence[str]) -> tuple[str, ...]:
     """The columns of ``clinical.csv``: patient, source and the indices that ``structures`` allow."""
     return ("patient", "source", *indices_for(structures))
@@ -45,13 +41,14 @@ def summarise(
     {index: agreement}}``, where aggregate is :func:`~seg_densenet.evaluation.metrics.aggregate`
     (mean, SD, finite count) and agreement is :func:`~seg_densenet.evaluation.clinical.agreement`.
     """
+    phases = report_phases(r["phase"] for r in metric_rows)
     per_structure = {
         s: {
             phase: {
                 m: aggregate([r[m] for r in metric_rows if r["structure"] == s and r["phase"] == phase])
                 for m in METRIC_NAMES
             }
-            for phase in report_phases(r["phase"] for r in metric_rows)
+            for phase in phases
         }
         for s in structures
     }
