@@ -180,8 +180,19 @@ def _u(rng: np.random.Generator, low_high: tuple[float, float]) -> float:
 
 
 def _sample_patient(rng: np.random.Generator, group: str, image_size: tuple[int, int]) -> _Patient:
-    """Draw every parameter of one patient; the order of draws is part of the output format."""
+    """Draw every parameter of one patient; the order of draws is part of the output format:
+    the heart, its surroundings, the tissue intensities, then the remaining details."""
     prior = _PRIORS[group]
+    heart = _sample_heart(rng, group, prior, image_size)
+    surroundings = _sample_surroundings(rng, heart["l_epi"])
+    intensities = _sample_intensities(rng)
+    return _Patient(
+        group=group, **heart, **surroundings, intensities=intensities, **_sample_details(rng, prior)
+    )
+
+
+def _sample_heart(rng: np.random.Generator, group: str, prior: dict, image_size: tuple[int, int]) -> dict:
+    """The grid, the LV and RV geometry, the infarct and the heart's place in the field of view."""
     nx, ny = image_size
     spacing = float(np.clip(rng.uniform(320.0, 380.0) / max(nx, ny), 1.2, 1.8))
     length = _u(rng, prior["length"])
@@ -193,7 +204,6 @@ def _sample_patient(rng: np.random.Generator, group: str, image_size: tuple[int,
     r_endo = _u(rng, prior["r_endo"])
     thick = _u(rng, prior["thick"])
     r_epi = r_endo + thick
-    l_endo = l_epi - 0.8 * thick
     ef = _u(rng, prior["ef"])
 
     infarct_depth, infarct_half_width, akinesia = 0.0, 0.5, 0.0
@@ -208,7 +218,6 @@ def _sample_patient(rng: np.random.Generator, group: str, image_size: tuple[int,
     # the RV tapers to nothing 0.6 to 1.4 slices before the last slice centre
     l_rv = min((n_slices - 1.6 + rng.uniform(0.0, 0.8)) * dz, 0.9 * l_epi)
 
-    fov = (nx * spacing, ny * spacing)
     psi = float(rng.normal(0.0, 0.2))
     delta = float(rng.normal(0.0, 0.25))
     rv_offset = float(rng.uniform(0.45, 0.55))
@@ -216,10 +225,21 @@ def _sample_patient(rng: np.random.Generator, group: str, image_size: tuple[int,
     rv_tangential = float(rng.uniform(1.12, 1.25)) * r_epi * (1 + 0.5 * (rv_scale - 1))
     rv_wall = float(rng.uniform(2.5, 4.0))
     fat = float(rng.uniform(2.0, 6.0))
-    center = _place_heart(rng, fov, math.pi + psi + delta, r_epi, rv_offset * r_epi, rv_radial,
-                          rv_tangential, rv_wall + fat)  # fmt: skip
+    center = _place_heart(rng, (nx * spacing, ny * spacing), math.pi + psi + delta, r_epi, rv_offset * r_epi,
+                          rv_radial, rv_tangential, rv_wall + fat)  # fmt: skip
+    return {
+        "shape": (nx, ny, n_slices), "spacing": (spacing, spacing, dz), "center": center, "psi": psi,
+        "delta": delta, "r_endo": r_endo, "r_epi": r_epi, "l_epi": l_epi, "l_endo": l_epi - 0.8 * thick,
+        "ef": ef, "infarct_angle": infarct_angle, "infarct_half_width": infarct_half_width,
+        "infarct_depth": float(infarct_depth), "infarct_z0": infarct_z0, "akinesia": akinesia,
+        "rv_offset": rv_offset, "rv_radial": rv_radial, "rv_tangential": rv_tangential, "l_rv": float(l_rv),
+        "rv_wall": rv_wall, "fat": fat,
+    }  # fmt: skip
 
-    # surroundings, in the patient frame (mm, origin at the LV centre, RV towards -p)
+
+def _sample_surroundings(rng: np.random.Generator, l_epi: float) -> dict:
+    """Body outline, lungs, liver, aorta, vertebra, vessels and fat pads, in the patient frame (mm,
+    origin at the LV centre, RV towards -p)."""
     body = _blob(rng, (-10, 30), (-10, 30), (175, 230), (125, 160), 0.1, 0.05)
     lungs = (
         _blob(rng, (45, 75), (-5, 35), (65, 90), (80, 110), 0.3, 0.1),  # beside the LV
@@ -246,7 +266,18 @@ def _sample_patient(rng: np.random.Generator, group: str, image_size: tuple[int,
         )
         for _ in range(int(rng.integers(6, 14)))
     )
+    return {
+        "body": body,
+        "lungs": lungs,
+        "liver": liver,
+        "aorta": aorta,
+        "vertebra": vertebra,
+        "blobs": blobs,
+    }
 
+
+def _sample_intensities(rng: np.random.Generator) -> tuple[float, ...]:
+    """Signal of each tissue class relative to blood (cine bSSFP: bright blood and fat, dark lung)."""
     intensities = np.zeros(_N_TISSUES)
     myo = rng.uniform(0.25, 0.4)
     intensities[[_LV, _RV, _VESSEL]] = 1.0, rng.uniform(0.85, 1.0), rng.uniform(0.95, 1.15)
@@ -257,58 +288,34 @@ def _sample_patient(rng: np.random.Generator, group: str, image_size: tuple[int,
     intensities[_LIVER] = rng.uniform(0.35, 0.5)
     intensities[_SOFT] = rng.uniform(0.3, 0.45)
     intensities[_BONE] = rng.uniform(0.35, 0.5)
+    return tuple(float(v) for v in intensities)
 
+
+def _sample_details(rng: np.random.Generator, prior: dict) -> dict:
+    """Cine timing, body size, the outline's small irregularities, papillary muscles, RV function,
+    fat and body layers, and image formation (blur, bias field, noise, scanner level), in draw order."""
     nb_frame = int(rng.choice([20, 25, 28, 30, 30, 30]))
     height = round(float(rng.uniform(155, 195)), 1)
-    return _Patient(
-        group=group,
-        shape=(nx, ny, n_slices),
-        spacing=(spacing, spacing, dz),
-        nb_frame=nb_frame,
-        es_frame=int(round(nb_frame * rng.uniform(0.3, 0.45))) + 1,
-        height=height,
-        weight=round(float(rng.normal(25.0, 3.5)) * (height / 100) ** 2, 1),
-        center=center,
-        psi=psi,
-        delta=delta,
-        r_endo=r_endo,
-        r_epi=r_epi,
-        l_epi=l_epi,
-        l_endo=l_endo,
-        ellipticity=float(rng.uniform(0.0, 0.06)),
-        ellipse_angle=float(rng.uniform(0, math.pi)),
-        harmonic3=float(rng.uniform(0.0, 0.025)),
-        harmonic3_angle=float(rng.uniform(0, 2 * math.pi)),
-        ef=ef,
-        infarct_angle=infarct_angle,
-        infarct_half_width=infarct_half_width,
-        infarct_depth=float(infarct_depth),
-        infarct_z0=infarct_z0,
-        akinesia=akinesia,
-        papillary_radius=float(rng.uniform(2.5, 4.0)),
-        papillary_angles=(math.pi - float(rng.uniform(0.6, 1.0)), math.pi + float(rng.uniform(0.6, 1.0))),
-        rv_offset=rv_offset,
-        rv_radial=rv_radial,
-        rv_tangential=rv_tangential,
-        l_rv=float(l_rv),
-        rv_wall=rv_wall,
-        rv_ef=_u(rng, prior["rv_ef"]),
-        fat=fat,
-        fat_angle=float(rng.uniform(0, 2 * math.pi)),
-        body=body,
-        body_fat=float(rng.uniform(6, 18)),
-        body_muscle=float(rng.uniform(6, 12)),
-        lungs=lungs,
-        blobs=blobs,
-        liver=liver,
-        aorta=aorta,
-        vertebra=vertebra,
-        intensities=tuple(float(v) for v in intensities),
-        blur_sigma=float(rng.uniform(0.6, 0.9)),
-        bias=tuple(float(v) for v in rng.normal(0.0, [0.3, 0.3, 0.15, 0.15, 0.1, 0.05])),
-        noise_sigma=float(rng.uniform(0.02, 0.05)),
-        blood_level=float(rng.uniform(250, 600)),
-    )
+    return {
+        "nb_frame": nb_frame,
+        "es_frame": int(round(nb_frame * rng.uniform(0.3, 0.45))) + 1,
+        "height": height,
+        "weight": round(float(rng.normal(25.0, 3.5)) * (height / 100) ** 2, 1),
+        "ellipticity": float(rng.uniform(0.0, 0.06)),
+        "ellipse_angle": float(rng.uniform(0, math.pi)),
+        "harmonic3": float(rng.uniform(0.0, 0.025)),
+        "harmonic3_angle": float(rng.uniform(0, 2 * math.pi)),
+        "papillary_radius": float(rng.uniform(2.5, 4.0)),
+        "papillary_angles": (math.pi - float(rng.uniform(0.6, 1.0)), math.pi + float(rng.uniform(0.6, 1.0))),
+        "rv_ef": _u(rng, prior["rv_ef"]),
+        "fat_angle": float(rng.uniform(0, 2 * math.pi)),
+        "body_fat": float(rng.uniform(6, 18)),
+        "body_muscle": float(rng.uniform(6, 12)),
+        "blur_sigma": float(rng.uniform(0.6, 0.9)),
+        "bias": tuple(float(v) for v in rng.normal(0.0, [0.3, 0.3, 0.15, 0.15, 0.1, 0.05])),
+        "noise_sigma": float(rng.uniform(0.02, 0.05)),
+        "blood_level": float(rng.uniform(250, 600)),
+    }
 
 
 def _blob(rng: np.random.Generator, p, q, a, b, angle_sd: float, wobble: float) -> tuple[float, ...]:
