@@ -153,6 +153,26 @@ def init_weights(module: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
+def _stem(
+    stem: str, in_channels: int, num_init_features: int
+) -> tuple[list, set[str], list[int], list[int], int]:
+    """The stem's named layers, its feature taps with their channels and strides, and the stride of
+    the first dense block: ImageNet 7x7/2 conv, BN, ReLU, 3x3/2 max pool; CIFAR 3x3/1 conv."""
+    if stem == "imagenet":
+        layers = [
+            (
+                "conv0",
+                nn.Conv2d(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False),
+            ),
+            ("norm0", nn.BatchNorm2d(num_init_features)),
+            ("relu0", nn.ReLU(inplace=True)),
+            ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+        ]
+        return layers, {"relu0"}, [num_init_features], [2], 4
+    layers = [("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, padding=1, bias=False))]
+    return layers, set(), [], [], 1
+
+
 class DenseNet(nn.Module):
     """DenseNet-BC classifier.
 
@@ -207,22 +227,7 @@ class DenseNet(nn.Module):
             in_channels,
             stem,
         )
-        if stem == "imagenet":
-            layers = [
-                (
-                    "conv0",
-                    nn.Conv2d(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False),
-                ),
-                ("norm0", nn.BatchNorm2d(num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
-                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
-            ]
-            taps, channels, strides, stride = {"relu0"}, [num_init_features], [2], 4
-        else:
-            layers = [
-                ("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, padding=1, bias=False))
-            ]
-            taps, channels, strides, stride = set(), [], [], 1
+        layers, taps, channels, strides, stride = _stem(stem, in_channels, num_init_features)
         self._stem_length = len(layers)
         self.features = nn.Sequential()
         for name, module in layers:
