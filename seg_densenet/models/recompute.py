@@ -33,7 +33,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-__all__ = ["CompositeChainFunction", "checkpoint_with_bn", "composite_chain", "concat", "frozen_bn_statistics"]
+__all__ = [
+    "CompositeChainFunction",
+    "checkpoint_with_bn",
+    "composite_chain",
+    "concat",
+    "frozen_bn_statistics",
+]
 
 # (norm.weight, norm.bias, conv.weight, conv.bias) per stage
 PARAMS_PER_STAGE = 4
@@ -43,8 +49,10 @@ PARAMS_PER_STAGE = 4
 def frozen_bn_statistics(*norms: nn.BatchNorm2d) -> Iterator[None]:
     """Context of a backward-time recomputation: the BN layers give the same batch statistics but do
     not move their running statistics (or batch counters) a second time."""
-    saved = [(norm, norm.momentum, None if norm.num_batches_tracked is None else norm.num_batches_tracked.clone())
-             for norm in norms]
+    saved = [
+        (norm, norm.momentum, None if norm.num_batches_tracked is None else norm.num_batches_tracked.clone())
+        for norm in norms
+    ]
     for norm in norms:
         norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
     try:
@@ -157,59 +165,83 @@ class CompositeChainFunction(torch.autograd.Function):
         # keeping BN's saved statistics, then walk the chain back by hand: no autograd graph holds x, y
         # or their gradients longer than needed, so at most about three maps of the widest stage are
         # alive at once (autograd.grad over a rebuilt graph kept five).
-        x = concat(inputs)
-        recomputed = []
-        for i, (bn_training, running, eps, pool, conv_args) in enumerate(ctx.specs):
-            norm_weight, norm_bias, conv_weight, conv_bias = params[PARAMS_PER_STAGE * i : PARAMS_PER_STAGE * (i + 1)]
-            save_mean, save_invstd = statistics[2 * i : 2 * i + 2]
-            if bn_training:
-                y = normalize(x, norm_weight, norm_bias, save_mean, save_invstd)
-            else:  # momentum 0: the running statistics were updated once, in forward
-                y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-                    x, norm_weight, norm_bias, *running, False, 0.0, eps
-                )
-            y.relu_()
-            pooled = pool(y) if pool is not None else y
-            # a multi-stage chain (the narrow layers, where the peak is) drops its concatenation until
-            # the first stage's BN backward needs it again: it is the cheapest map to redo (a single
-            # input is no copy, so dropping it would free nothing)
-            drop_x = i == 0 and len(ctx.specs) > 1 and len(inputs) > 1
-            recomputed.append((None if drop_x else x, y, pooled, save_mean, save_invstd))
-            if i < len(ctx.specs) - 1:
-                x = F.conv2d(pooled, conv_weight, conv_bias, *conv_args)
+        recomputed = _recompute_chain(ctx.specs, params, inputs, statistics)
         grads: list[Tensor | None] = [None] * len(needs)
         grad = grad_out
         for i in reversed(range(len(ctx.specs))):
-            bn_training, running, eps, pool, (stride, padding, dilation, groups) = ctx.specs[i]
             p = PARAMS_PER_STAGE * i
-            norm_weight, norm_bias, conv_weight, conv_bias = params[p : p + PARAMS_PER_STAGE]
-            x, y, pooled, save_mean, save_invstd = recomputed.pop()
-            bias_sizes = None if conv_bias is None else [conv_bias.shape[0]]
-            grad, grads[p + 2], grads[p + 3] = torch.ops.aten.convolution_backward(
-                grad, pooled, conv_weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
-                [True, needs[p + 2], needs[p + 3] and conv_bias is not None],
+            grad, grads[p : p + PARAMS_PER_STAGE] = _stage_backward(
+                grad,
+                ctx.specs[i],
+                params[p : p + PARAMS_PER_STAGE],
+                recomputed,
+                inputs,
+                needs[p : p + PARAMS_PER_STAGE],
             )
-            if pool is not None:
-                with torch.enable_grad():
-                    leaf = y.detach().requires_grad_()
-                    (grad,) = torch.autograd.grad(pool(leaf), leaf, grad)
-            del pooled
-            # ReLU backward in place (grad is a fresh buffer); masked_fill_ with a y <= 0 mask is 9x slower
-            torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
-            del y
-            if x is None:
-                x = concat(inputs)
-            grad, grads[p], grads[p + 1] = torch.ops.aten.native_batch_norm_backward(
-                grad, x, norm_weight, *running, save_mean, save_invstd, bn_training, eps,
-                [True, needs[p], needs[p + 1]],
-            )
-            del x
         offset = 0
         for j, t in enumerate(inputs):
             if needs[num_params + j]:
                 grads[num_params + j] = grad.narrow(1, offset, t.shape[1])
             offset += t.shape[1]
         return (None, *grads)
+
+
+def _recompute_chain(specs, params, inputs, statistics) -> list[tuple]:
+    """Per stage ``(x, y, pooled, save_mean, save_invstd)``: its BN input (None where it is cheaper to
+    redo later), ReLU output, pooled map and BN statistics, recomputed from the chain's inputs."""
+    x = concat(inputs)
+    recomputed = []
+    for i, (bn_training, running, eps, pool, conv_args) in enumerate(specs):
+        norm_weight, norm_bias, conv_weight, conv_bias = params[
+            PARAMS_PER_STAGE * i : PARAMS_PER_STAGE * (i + 1)
+        ]
+        save_mean, save_invstd = statistics[2 * i : 2 * i + 2]
+        if bn_training:
+            y = normalize(x, norm_weight, norm_bias, save_mean, save_invstd)
+        else:  # momentum 0: the running statistics were updated once, in forward
+            y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+                x, norm_weight, norm_bias, *running, False, 0.0, eps
+            )
+        y.relu_()
+        pooled = pool(y) if pool is not None else y
+        # a multi-stage chain (the narrow layers, where the peak is) drops its concatenation until
+        # the first stage's BN backward needs it again: it is the cheapest map to redo (a single
+        # input is no copy, so dropping it would free nothing)
+        drop_x = i == 0 and len(specs) > 1 and len(inputs) > 1
+        recomputed.append((None if drop_x else x, y, pooled, save_mean, save_invstd))
+        if i < len(specs) - 1:
+            x = F.conv2d(pooled, conv_weight, conv_bias, *conv_args)
+    return recomputed
+
+
+def _stage_backward(
+    grad: Tensor, spec, params, recomputed: list[tuple], inputs, needs
+) -> tuple[Tensor, list]:
+    """One stage's backward, conv then pool, ReLU and BN, from the last entry of ``recomputed`` (popped
+    here, and each map dropped as soon as it is used): the gradient of the stage's input and those of
+    its ``(norm.weight, norm.bias, conv.weight, conv.bias)``."""
+    bn_training, running, eps, pool, (stride, padding, dilation, groups) = spec
+    norm_weight, norm_bias, conv_weight, conv_bias = params
+    x, y, pooled, save_mean, save_invstd = recomputed.pop()
+    bias_sizes = None if conv_bias is None else [conv_bias.shape[0]]
+    grad, conv_weight_grad, conv_bias_grad = torch.ops.aten.convolution_backward(
+        grad, pooled, conv_weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+        [True, needs[2], needs[3] and conv_bias is not None],
+    )  # fmt: skip
+    if pool is not None:
+        with torch.enable_grad():
+            leaf = y.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(pool(leaf), leaf, grad)
+    del pooled
+    # ReLU backward in place (grad is a fresh buffer); masked_fill_ with a y <= 0 mask is 9x slower
+    torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
+    del y
+    if x is None:
+        x = concat(inputs)
+    grad, norm_weight_grad, norm_bias_grad = torch.ops.aten.native_batch_norm_backward(
+        grad, x, norm_weight, *running, save_mean, save_invstd, bn_training, eps, [True, needs[0], needs[1]],
+    )  # fmt: skip
+    return grad, [norm_weight_grad, norm_bias_grad, conv_weight_grad, conv_bias_grad]
 
 
 def composite_chain(
