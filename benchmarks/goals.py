@@ -61,120 +61,138 @@ def _missing(gid: str, goal: str, reason: str) -> dict:
     return _goal(gid, goal, f"not measured: {reason}", None)
 
 
-def goals(results: Mapping) -> list[dict]:
-    """The goals table rows: ``id``, ``goal``, ``measured`` (ratios as text), ``met`` (bool or None), ``note``."""
-    rows = []
-    dn = _get(results, "suites", "train", "densenet121")
-    tv, tv_me = dn.get("torchvision plain", {}), dn.get("torchvision memory-efficient", {})
-    ours, ours_me = dn.get("ours plain", {}), dn.get("ours memory-efficient", {})
-
+def _densenet_speed(dn: Mapping) -> dict:
+    """Ours (plain) against torchvision (plain), DenseNet-121 training."""
+    tv, ours = dn.get("torchvision plain", {}), dn.get("ours plain", {})
     text = "DenseNet-121 training: ours (plain) at least 1.0x torchvision's speed"
     if reason := _ok(tv, ours):
-        rows.append(_missing("densenet_speed", text, reason))
-    else:
-        r = _speed(ours, tv)
-        rows.append(_goal("densenet_speed", text, f"{r:.2f}x", r >= 1.0, setting=_off_setting(tv, 8, 224)))
+        return _missing("densenet_speed", text, reason)
+    r = _speed(ours, tv)
+    return _goal("densenet_speed", text, f"{r:.2f}x", r >= 1.0, setting=_off_setting(tv, 8, 224))
 
+
+def _densenet_memory(dn: Mapping) -> dict:
+    """Ours (memory-efficient) against torchvision (plain), noting torchvision's memory-efficient mode."""
+    tv, tv_me = dn.get("torchvision plain", {}), dn.get("torchvision memory-efficient", {})
+    ours_me = dn.get("ours memory-efficient", {})
     text = "DenseNet-121 memory-efficient: at most 0.6x torchvision-plain peak memory at no less than 0.8x its speed"
     if reason := _ok(tv, ours_me):
-        rows.append(_missing("densenet_memory", text, reason))
-    else:
-        m, s = _memory(ours_me, tv), _speed(ours_me, tv)
-        note = f"memory added by the step: {_added(ours_me, tv):.2f}x"
-        if not _ok(tv_me):
-            note += (
-                f"; torchvision's memory-efficient mode: {_memory(tv_me, tv):.2f}x memory "
-                f"({_added(tv_me, tv):.2f}x added) at {_speed(tv_me, tv):.2f}x speed"
-            )
-        rows.append(
-            _goal(
-                "densenet_memory",
-                text,
-                f"{m:.3f}x memory at {s:.2f}x speed",
-                m <= 0.6 and s >= 0.8,
-                note,
-                _off_setting(tv, 8, 224),
-            )
+        return _missing("densenet_memory", text, reason)
+    m, s = _memory(ours_me, tv), _speed(ours_me, tv)
+    note = f"memory added by the step: {_added(ours_me, tv):.2f}x"
+    if not _ok(tv_me):
+        note += (
+            f"; torchvision's memory-efficient mode: {_memory(tv_me, tv):.2f}x memory "
+            f"({_added(tv_me, tv):.2f}x added) at {_speed(tv_me, tv):.2f}x speed"
         )
+    return _goal(
+        "densenet_memory",
+        text,
+        f"{m:.3f}x memory at {s:.2f}x speed",
+        m <= 0.6 and s >= 0.8,
+        note,
+        _off_setting(tv, 8, 224),
+    )
 
-    seg = _get(results, "suites", "train", "segmentation")
+
+def _dense_unet(seg: Mapping) -> dict:
+    """DenseUNet against smp Unet(densenet121): met when any of its variants meets both ratios."""
     smp = seg.get("smp Unet(densenet121)", {})
     smp_nhwc = seg.get("smp Unet(densenet121)" + CHANNELS_LAST, {})
     text = "DenseUNet training: at least 1.3x smp Unet(densenet121) throughput at no more than 0.8x its peak memory"
     # each layout against smp in the same layout: channels_last is a training option of both
-    variants = {
-        k: (seg.get(f"DenseUNet {k}", {}), smp)
-        for k in ("plain", "memory-efficient")
-    } | {"memory-efficient, channels_last": (seg.get(f"DenseUNet memory-efficient{CHANNELS_LAST}", {}), smp_nhwc)}
+    variants = {k: (seg.get(f"DenseUNet {k}", {}), smp) for k in ("plain", "memory-efficient")} | {
+        "memory-efficient, channels_last": (
+            seg.get(f"DenseUNet memory-efficient{CHANNELS_LAST}", {}),
+            smp_nhwc,
+        )
+    }
     measured = {k: (v, ref) for k, (v, ref) in variants.items() if not _ok(ref, v)}
     if not measured:
-        rows.append(_missing("dense_unet", text, _ok(smp, variants["plain"][0]) or "not run"))
-    else:
-        parts, met = [], False
-        for k, (v, ref) in measured.items():
-            s, m = _speed(v, ref), _memory(v, ref)
-            met |= s >= 1.3 and m <= 0.8
-            parts.append(f"{k}: {s:.2f}x speed, {m:.2f}x memory")
-        note = "; ".join(f"{k}: {_added(v, ref):.2f}x memory added by the step" for k, (v, ref) in measured.items())
-        if "memory-efficient, channels_last" in measured:
-            note += "; channels_last rows against smp in channels_last"
-        rows.append(_goal("dense_unet", text, "; ".join(parts), met, note, _off_setting(smp, 8, 224)))
+        return _missing("dense_unet", text, _ok(smp, variants["plain"][0]) or "not run")
+    parts, met = [], False
+    for k, (v, ref) in measured.items():
+        s, m = _speed(v, ref), _memory(v, ref)
+        met |= s >= 1.3 and m <= 0.8
+        parts.append(f"{k}: {s:.2f}x speed, {m:.2f}x memory")
+    note = "; ".join(
+        f"{k}: {_added(v, ref):.2f}x memory added by the step" for k, (v, ref) in measured.items()
+    )
+    if "memory-efficient, channels_last" in measured:
+        note += "; channels_last rows against smp in channels_last"
+    return _goal("dense_unet", text, "; ".join(parts), met, note, _off_setting(smp, 8, 224))
 
-    fc = _get(results, "suites", "train", "fc_densenet")
+
+def _fc103_memory(fc: Mapping) -> dict:
+    """FC-DenseNet103 memory-efficient against plain, noting the naive per-layer concatenation."""
     plain, me = fc.get("FC-DenseNet103 plain", {}), fc.get("FC-DenseNet103 memory-efficient", {})
     text = "FC-DenseNet103 memory-efficient training (224x224, batch 8): at most 50% of its plain peak memory"
     if reason := _ok(plain, me):
-        rows.append(_missing("fc103_memory", text, reason))
-    else:
-        m = _memory(me, plain)
-        note = f"memory added by the step: {_added(me, plain):.2f}x; speed {_speed(me, plain):.2f}x"
-        naive = fc.get(f"FC-DenseNet103 plain{PER_LAYER}", {})
-        if not _ok(naive):
-            note += (
-                f"; against plain with per-layer concatenation (the naive implementation, without the shared"
-                f" storage that plain mode now has): {_memory(me, naive):.2f}x"
-            )
-        rows.append(_goal("fc103_memory", text, f"{m:.2f}x", m <= 0.5, note, _off_setting(plain, 8, 224)))
-
-    volume = _get(results, "suites", "infer", "volume")
-    for gid, name, target in (
-        ("fc56_volume", "FC-DenseNet56", 1.0),
-        ("dense_unet_volume", "DenseUNet", None),
-    ):
-        text = f"{name} inference of a 10-slice 256x216 volume on 2 CPU cores, no TTA, model loaded" + (
-            f": under {target:.1f} s" if target else " (reported)"
+        return _missing("fc103_memory", text, reason)
+    m = _memory(me, plain)
+    note = f"memory added by the step: {_added(me, plain):.2f}x; speed {_speed(me, plain):.2f}x"
+    naive = fc.get(f"FC-DenseNet103 plain{PER_LAYER}", {})
+    if not _ok(naive):
+        note += (
+            f"; against plain with per-layer concatenation (the naive implementation, without the shared"
+            f" storage that plain mode now has): {_memory(me, naive):.2f}x"
         )
-        variants = {k: volume.get(f"{name} {k}", {}) for k in ("eager", "channels_last")}
-        measured = {k: v for k, v in variants.items() if not _ok(v)}
-        if not measured:
-            rows.append(_missing(gid, text, volume.get(name, {}).get("reason") or _ok(variants["eager"])))
-            continue
-        best = min(v["median_s"] for v in measured.values())
-        shape = next(iter(measured.values()))["volume_shape"]
-        parts = [f"{v['median_s']:.2f} s {k}" for k, v in measured.items()]
-        note = f"volume {shape[0]}x{shape[1]}x{shape[2]} (X, Y, slices), {results.get('threads')} threads"
-        off = None if shape == [256, 216, 10] else f"{shape[0]}x{shape[1]}x{shape[2]}"
-        rows.append(_goal(gid, text, ", ".join(parts), (best < target) if target else None, note, off))
+    return _goal("fc103_memory", text, f"{m:.2f}x", m <= 0.5, note, _off_setting(plain, 8, 224))
 
-    loaders = _get(results, "suites", "data", "loaders")
+
+def _volume_goal(volume: Mapping, gid: str, name: str, target: float | None, threads: int | None) -> dict:
+    """Whole-volume latency of model ``name`` (fastest layout), against ``target`` seconds if given."""
+    text = f"{name} inference of a 10-slice 256x216 volume on 2 CPU cores, no TTA, model loaded" + (
+        f": under {target:.1f} s" if target else " (reported)"
+    )
+    variants = {k: volume.get(f"{name} {k}", {}) for k in ("eager", "channels_last")}
+    measured = {k: v for k, v in variants.items() if not _ok(v)}
+    if not measured:
+        return _missing(gid, text, volume.get(name, {}).get("reason") or _ok(variants["eager"]))
+    best = min(v["median_s"] for v in measured.values())
+    shape = next(iter(measured.values()))["volume_shape"]
+    parts = [f"{v['median_s']:.2f} s {k}" for k, v in measured.items()]
+    note = f"volume {shape[0]}x{shape[1]}x{shape[2]} (X, Y, slices), {threads} threads"
+    off = None if shape == [256, 216, 10] else f"{shape[0]}x{shape[1]}x{shape[2]}"
+    return _goal(gid, text, ", ".join(parts), (best < target) if target else None, note, off)
+
+
+def _data_vs_training(loaders: Mapping, crop: int | None, fc: Mapping) -> dict:
+    """The loader's slices/s (2 persistent workers, ``crop`` x ``crop``) against FC-DenseNet56's
+    training images/s (plain, from the train group ``fc``)."""
     two = loaders.get("2 workers, persistent", {})
-    crop = _get(results, "suites", "data", "plan").get("crop")
     fc56 = fc.get("FC-DenseNet56 plain", {})
     text = "Data: slices/s from the cache with 2 workers at least 10x FC-DenseNet56 training throughput at the same size"
     if reason := _ok(two, fc56):
-        rows.append(_missing("data_vs_training", text, reason))
-    elif fc56["size"] != [crop, crop]:
-        rows.append(
-            _missing("data_vs_training", text, f"sizes differ (data {crop}, training {fc56['size']})")
-        )
-    else:
-        r = _speed(two, fc56)
-        note = (
-            f"{two['items_per_s']:.1f} slices/s against {fc56['items_per_s']:.3f} images/s at {crop}x{crop}"
-        )
-        off = None if crop >= 128 else f"{crop}x{crop}"  # tiny quick-mode crops say nothing
-        rows.append(_goal("data_vs_training", text, f"{r:.0f}x", r >= 10, note, off))
-    return rows
+        return _missing("data_vs_training", text, reason)
+    if fc56["size"] != [crop, crop]:
+        return _missing("data_vs_training", text, f"sizes differ (data {crop}, training {fc56['size']})")
+    r = _speed(two, fc56)
+    note = f"{two['items_per_s']:.1f} slices/s against {fc56['items_per_s']:.3f} images/s at {crop}x{crop}"
+    off = None if crop >= 128 else f"{crop}x{crop}"  # tiny quick-mode crops say nothing
+    return _goal("data_vs_training", text, f"{r:.0f}x", r >= 10, note, off)
+
+
+def goals(results: Mapping) -> list[dict]:
+    """The goals table rows: ``id``, ``goal``, ``measured`` (ratios as text), ``met`` (bool or None), ``note``."""
+    dn = _get(results, "suites", "train", "densenet121")
+    seg = _get(results, "suites", "train", "segmentation")
+    fc = _get(results, "suites", "train", "fc_densenet")
+    volume = _get(results, "suites", "infer", "volume")
+    threads = results.get("threads")
+    return [
+        _densenet_speed(dn),
+        _densenet_memory(dn),
+        _dense_unet(seg),
+        _fc103_memory(fc),
+        _volume_goal(volume, "fc56_volume", "FC-DenseNet56", 1.0, threads),
+        _volume_goal(volume, "dense_unet_volume", "DenseUNet", None, threads),
+        _data_vs_training(
+            _get(results, "suites", "data", "loaders"),
+            _get(results, "suites", "data", "plan").get("crop"),
+            fc,
+        ),
+    ]
 
 
 def _verdict(ratio: float) -> str:
@@ -191,160 +209,150 @@ def _memory_verdict(speed: float, memory: float, what: str = "peak memory") -> s
     return _verdict(speed)
 
 
-def fast_paths(results: Mapping) -> list[dict]:
-    """Rows ``fast path``, ``where``, ``measured``, ``verdict`` for each fast path of the issue."""
+def _row(path: str, where: str, measured: str, verdict: str) -> dict:
+    """One row of the fast-path table."""
+    return {"path": path, "where": where, "measured": measured, "verdict": verdict}
+
+
+def _inference_layout_rows(throughput: Mapping) -> list[dict]:
+    """channels_last and bf16 autocast against eager fp32, inference throughput per model."""
     rows = []
-    device = results.get("machine", {}).get("device", "cpu")
-    throughput = _get(results, "suites", "infer", "throughput")
     for name, variants in throughput.items():
         eager = variants.get("eager", {})
-        for variant, label in (("channels_last", "channels_last"), ("bf16 autocast", "bf16 autocast")):
+        for variant in ("channels_last", "bf16 autocast"):
             v = variants.get(variant, {})
             if reason := _ok(eager, v):
-                rows.append(
-                    {
-                        "path": label,
-                        "where": f"inference, {name}",
-                        "measured": "-",
-                        "verdict": f"not measured: {reason}",
-                    }
-                )
+                rows.append(_row(variant, f"inference, {name}", "-", f"not measured: {reason}"))
             else:
                 r = _speed(v, eager)
-                rows.append(
-                    {
-                        "path": label,
-                        "where": f"inference, {name}",
-                        "measured": f"{r:.2f}x slices/s",
-                        "verdict": _verdict(r),
-                    }
-                )
-    volume = _get(results, "suites", "infer", "volume")
+                rows.append(_row(variant, f"inference, {name}", f"{r:.2f}x slices/s", _verdict(r)))
+    return rows
+
+
+def _volume_layout_rows(volume: Mapping) -> list[dict]:
+    """channels_last against eager, whole-volume latency, where both were measured."""
+    rows = []
     for name in ("FC-DenseNet56", "DenseUNet"):
         eager, cl = volume.get(f"{name} eager", {}), volume.get(f"{name} channels_last", {})
         if not _ok(eager, cl):
             r = eager["median_s"] / cl["median_s"]
-            rows.append(
-                {
-                    "path": "channels_last",
-                    "where": f"volume latency, {name}",
-                    "measured": f"{r:.2f}x faster",
-                    "verdict": _verdict(r),
-                }
-            )
-    for name, c in _get(results, "suites", "infer", "compile").items():
+            rows.append(_row("channels_last", f"volume latency, {name}", f"{r:.2f}x faster", _verdict(r)))
+    return rows
+
+
+def _compile_rows(compiled: Mapping) -> list[dict]:
+    """``torch.compile`` against eager, inference per model; training is not measured."""
+    path = "torch.compile (fuses BN+ReLU)"
+    rows = []
+    for name, c in compiled.items():
         if c.get("status") == "ok" and not _ok(c.get("eager", {}), c.get("compiled", {})):
             r = _speed(c["compiled"], c["eager"])
-            rows.append(
-                {
-                    "path": "torch.compile (fuses BN+ReLU)",
-                    "where": f"inference, {name}",
-                    "measured": f"{r:.2f}x slices/s (compile {c['compile_s']:.0f} s, excluded)",
-                    "verdict": _verdict(r),
-                }
-            )
+            measured = f"{r:.2f}x slices/s (compile {c['compile_s']:.0f} s, excluded)"
+            rows.append(_row(path, f"inference, {name}", measured, _verdict(r)))
         elif c.get("status") in ("failed", "skipped"):
-            rows.append(
-                {
-                    "path": "torch.compile (fuses BN+ReLU)",
-                    "where": f"inference, {name}",
-                    "measured": "-",
-                    "verdict": f"{c['status']}: {c.get('reason', '')}",
-                }
-            )
+            rows.append(_row(path, f"inference, {name}", "-", f"{c['status']}: {c.get('reason', '')}"))
     rows.append(
-        {
-            "path": "torch.compile (fuses BN+ReLU)",
-            "where": "training",
-            "measured": "-",
-            "verdict": "not measured: compiling the backward pass does not fit the suite's time box on this machine",
-        }
-    )
-    dn = _get(results, "suites", "train", "densenet121")
-    tv_me, ours_me = dn.get("torchvision memory-efficient", {}), dn.get("ours memory-efficient", {})
-    if not _ok(tv_me, ours_me):
-        rows.append(
-            {
-                "path": "shared concatenation storage + recomputing BN+ReLU in a custom autograd function (ours, as Pleiss et al.) against torch.utils.checkpoint (torchvision)",
-                "where": "training, DenseNet-121 memory-efficient",
-                "measured": f"{_speed(ours_me, tv_me):.2f}x speed, {_memory(ours_me, tv_me):.2f}x peak memory",
-                "verdict": _memory_verdict(_speed(ours_me, tv_me), _memory(ours_me, tv_me)),
-            }
+        _row(
+            path,
+            "training",
+            "-",
+            "not measured: compiling the backward pass does not fit the suite's time box on this machine",
         )
-    seg = _get(results, "suites", "train", "segmentation")
+    )
+    return rows
+
+
+def _recompute_rows(dn: Mapping) -> list[dict]:
+    """Our memory-efficient DenseNet-121 against torchvision's (torch.utils.checkpoint)."""
+    tv_me, ours_me = dn.get("torchvision memory-efficient", {}), dn.get("ours memory-efficient", {})
+    if _ok(tv_me, ours_me):
+        return []
+    s, m = _speed(ours_me, tv_me), _memory(ours_me, tv_me)
+    return [
+        _row(
+            "shared concatenation storage + recomputing BN+ReLU in a custom autograd function (ours, as Pleiss et al.) against torch.utils.checkpoint (torchvision)",
+            "training, DenseNet-121 memory-efficient",
+            f"{s:.2f}x speed, {m:.2f}x peak memory",
+            _memory_verdict(s, m),
+        )
+    ]
+
+
+def _training_layout_rows(seg: Mapping) -> list[dict]:
+    """channels_last against channels-first, segmentation training."""
+    rows = []
     for name in ("DenseUNet memory-efficient", "smp Unet(densenet121)"):
         nchw, nhwc = seg.get(name, {}), seg.get(name + CHANNELS_LAST, {})
         if not _ok(nchw, nhwc):
             r = _speed(nhwc, nchw)
-            rows.append(
-                {
-                    "path": "channels_last",
-                    "where": f"training, {name}",
-                    "measured": f"{r:.2f}x images/s, {_memory(nhwc, nchw):.2f}x peak memory",
-                    "verdict": _verdict(r),
-                }
-            )
+            measured = f"{r:.2f}x images/s, {_memory(nhwc, nchw):.2f}x peak memory"
+            rows.append(_row("channels_last", f"training, {name}", measured, _verdict(r)))
+    return rows
+
+
+def _shared_storage_rows(dn: Mapping, seg: Mapping) -> list[dict]:
+    """Plain mode's shared concatenation storage against concatenating per layer, training."""
+    rows = []
     for group, model, where in ((dn, "ours", "DenseNet-121"), (seg, "DenseUNet", "DenseUNet")):
         shared, per_layer = group.get(f"{model} plain", {}), group.get(f"{model} plain{PER_LAYER}", {})
         if not _ok(shared, per_layer):
             s, m = _speed(shared, per_layer), _added(shared, per_layer)
             rows.append(
-                {
-                    "path": "pre-allocated shared concatenation storage (Pleiss et al.) against concatenating per layer",
-                    "where": f"training, {where} plain",
-                    "measured": f"{s:.2f}x speed, {m:.2f}x memory added by the step",
-                    "verdict": _memory_verdict(s, m, "memory added by the step"),
-                }
+                _row(
+                    "pre-allocated shared concatenation storage (Pleiss et al.) against concatenating per layer",
+                    f"training, {where} plain",
+                    f"{s:.2f}x speed, {m:.2f}x memory added by the step",
+                    _memory_verdict(s, m, "memory added by the step"),
+                )
             )
-    loaders = _get(results, "suites", "data", "loaders")
+    return rows
+
+
+def _loader_rows(loaders: Mapping, device: str) -> list[dict]:
+    """Persistent workers against restarting them each epoch; pinned memory (GPU only) against none."""
+    rows = []
     persistent, restarted = (
         loaders.get("2 workers, persistent", {}),
         loaders.get("2 workers, restarted each epoch", {}),
     )
     if not _ok(persistent, restarted):
         r = _speed(persistent, restarted)
-        rows.append(
-            {
-                "path": "persistent workers",
-                "where": "data, 2 workers",
-                "measured": f"{r:.2f}x slices/s",
-                "verdict": _verdict(r),
-            }
-        )
+        rows.append(_row("persistent workers", "data, 2 workers", f"{r:.2f}x slices/s", _verdict(r)))
     pinned = loaders.get("2 workers, persistent, pinned memory", {})
     if device == "cuda" and not _ok(persistent, pinned):
         r = _speed(pinned, persistent)
-        rows.append(
-            {
-                "path": "pinned memory",
-                "where": "data, 2 workers",
-                "measured": f"{r:.2f}x slices/s",
-                "verdict": _verdict(r),
-            }
-        )
+        rows.append(_row("pinned memory", "data, 2 workers", f"{r:.2f}x slices/s", _verdict(r)))
     else:
-        rows.append(
-            {
-                "path": "pinned memory",
-                "where": "data",
-                "measured": "-",
-                "verdict": "not measured: needs a GPU to copy to",
-            }
-        )
+        rows.append(_row("pinned memory", "data", "-", "not measured: needs a GPU to copy to"))
+    return rows
+
+
+def _cudnn_rows(throughput: Mapping) -> list[dict]:
+    """cudnn.benchmark against eager, inference per model measured on a GPU."""
+    rows = []
     cudnn = [(n, v) for n, v in throughput.items() if "cudnn.benchmark" in v]
     for name, variants in cudnn:
         if not _ok(variants["eager"], variants["cudnn.benchmark"]):
             r = _speed(variants["cudnn.benchmark"], variants["eager"])
-            rows.append(
-                {
-                    "path": "cudnn.benchmark",
-                    "where": f"inference, {name}",
-                    "measured": f"{r:.2f}x",
-                    "verdict": _verdict(r),
-                }
-            )
+            rows.append(_row("cudnn.benchmark", f"inference, {name}", f"{r:.2f}x", _verdict(r)))
     if not cudnn:
-        rows.append(
-            {"path": "cudnn.benchmark", "where": "GPU", "measured": "-", "verdict": "not measured: no GPU"}
-        )
+        rows.append(_row("cudnn.benchmark", "GPU", "-", "not measured: no GPU"))
     return rows
+
+
+def fast_paths(results: Mapping) -> list[dict]:
+    """Rows ``fast path``, ``where``, ``measured``, ``verdict`` for each fast path of the issue."""
+    device = results.get("machine", {}).get("device", "cpu")
+    throughput = _get(results, "suites", "infer", "throughput")
+    dn = _get(results, "suites", "train", "densenet121")
+    seg = _get(results, "suites", "train", "segmentation")
+    return [
+        *_inference_layout_rows(throughput),
+        *_volume_layout_rows(_get(results, "suites", "infer", "volume")),
+        *_compile_rows(_get(results, "suites", "infer", "compile")),
+        *_recompute_rows(dn),
+        *_training_layout_rows(seg),
+        *_shared_storage_rows(dn, seg),
+        *_loader_rows(_get(results, "suites", "data", "loaders"), device),
+        *_cudnn_rows(throughput),
+    ]

@@ -139,6 +139,58 @@ SkipCheck = Callable[[str, dict[str, Measurement]], str | None]
 _UNTIMED_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="untimed")
 
 
+def _measured_call(
+    call: Callable[[], object],
+    result: Measurement,
+    device: torch.device,
+    meter: MemoryMeter,
+    *,
+    memory_round: bool,
+    timed: bool,
+    in_thread: bool,
+) -> float | None:
+    """Run ``call`` once and record in ``result`` its seconds (timed or untimed) and, in the memory round,
+    its peak and added bytes; returns the seconds, or None when it raised (``result`` is then ``failed``).
+    ``in_thread``: untimed CPU calls run in :data:`_UNTIMED_THREAD`."""
+    cpu = device.type == "cpu"
+    if cpu:  # untimed calls too run under the memory setting, so the heap keeps no freed tensors
+        set_malloc_mode(memory=not timed)
+    if memory_round:
+        meter.reset()
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        if cpu and not timed and in_thread:
+            _UNTIMED_THREAD.submit(call).result()
+        else:
+            call()
+        synchronize(device)
+    except Exception as err:  # recorded, not raised: one broken configuration must not end the suite
+        result.status, result.reason = (
+            "failed",
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+        )
+        return None
+    finally:
+        if cpu:
+            set_malloc_mode(memory=False)
+    seconds = time.perf_counter() - start
+    if memory_round:
+        peak = meter.peak()
+        result.peak_bytes.append(peak)
+        result.added_bytes.append(max(peak - meter.before, 0))
+    (result.seconds if timed else result.cold_s).append(seconds)
+    return seconds
+
+
+def _stop(result: Measurement, seconds: float, max_call_s: float) -> None:
+    """Say in ``result`` why its configuration gets no further rounds after a call of ``seconds``."""
+    if not result.seconds:  # no timed call: keep the last call's time rather than none
+        result.seconds.append(result.cold_s.pop())
+        result.reason = "untimed call's time kept: "
+    result.reason += f"stopped after {len(result.seconds) + len(result.cold_s)} call(s): one took {seconds:.0f} s > {max_call_s:.0f} s"
+
+
 def interleave(
     calls: dict[str, Callable[[], object]],
     items: dict[str, int],
@@ -168,9 +220,7 @@ def interleave(
     results = {name: Measurement(items[name], settings=(settings or {}).get(name, {})) for name in calls}
     stopped: set[str] = set()
     rushed: set[str] = set()  # a warm-up call took too long: straight to the memory call, then stop
-    cpu = device.type == "cpu"
     for round_index in range(warmup + 1 + repeats):
-        memory_round, timed = round_index == warmup, round_index > warmup
         for name, call in calls.items():
             result = results[name]
             if name in stopped or result.status != "ok" or (name in rushed and round_index < warmup):
@@ -180,41 +230,22 @@ def interleave(
                 if reason:
                     result.status, result.reason = "skipped", reason
                     continue
-            if cpu:  # untimed calls too run under the memory setting, so the heap keeps no freed tensors
-                set_malloc_mode(memory=not timed)
-            if memory_round:
-                meter.reset()
-            synchronize(device)
-            start = time.perf_counter()
-            try:
-                if cpu and not timed and untimed_in_thread:
-                    _UNTIMED_THREAD.submit(call).result()
-                else:
-                    call()
-                synchronize(device)
-            except Exception as err:  # recorded, not raised: one broken configuration must not end the suite
-                result.status, result.reason = (
-                    "failed",
-                    f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
-                )
+            seconds = _measured_call(
+                call,
+                result,
+                device,
+                meter,
+                memory_round=round_index == warmup,
+                timed=round_index > warmup,
+                in_thread=untimed_in_thread,
+            )
+            if seconds is None:
                 continue
-            finally:
-                if cpu:
-                    set_malloc_mode(memory=False)
-            seconds = time.perf_counter() - start
-            if memory_round:
-                peak = meter.peak()
-                result.peak_bytes.append(peak)
-                result.added_bytes.append(max(peak - meter.before, 0))
-            (result.seconds if timed else result.cold_s).append(seconds)
             if seconds > max_call_s and round_index < warmup:
                 rushed.add(name)
             elif seconds > max_call_s or name in rushed:
                 stopped.add(name)
-                if not result.seconds:  # no timed call: keep the last call's time rather than none
-                    result.seconds.append(result.cold_s.pop())
-                    result.reason = "untimed call's time kept: "
-                result.reason += f"stopped after {len(result.seconds) + len(result.cold_s)} call(s): one took {seconds:.0f} s > {max_call_s:.0f} s"
+                _stop(result, seconds, max_call_s)
     return results
 
 

@@ -98,21 +98,12 @@ def _group_table(group: Mapping, reference: str | None, unit: str) -> str:
     return _table(header, rows)
 
 
-def scaling_plot(results: Mapping, path: Path) -> Path | None:
-    """Memory and step time against dense-block length, model depth and image size (PNG at ``path``)."""
-    scaling = results.get("suites", {}).get("scaling")
-    if not scaling:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+def _scaling_panels(scaling: Mapping) -> list[tuple[str, dict, str]]:
+    """The plot's three columns: (title, configurations, x-axis key of the configurations)."""
     block = scaling.get("dense_block", {})
     models = scaling.get("models", {})
     plan = scaling.get("plan", {})
-    panels = [
+    return [
         ("dense block length (layers)", {n: c for n, c in block.items()}, "layers"),
         (
             f"FC-DenseNet depth at {plan.get('depth_size')}x{plan.get('depth_size')}",
@@ -125,36 +116,59 @@ def scaling_plot(results: Mapping, path: Path) -> Path | None:
             "pixels",
         ),
     ]
-    for col, (title, configs, key) in enumerate(panels):
-        for mode, style in (("plain", "o-"), ("memory-efficient", "s-")):
-            points = sorted(
-                (c[key], c) for n, c in configs.items() if n.endswith(mode) and c.get("status") == "ok"
-            )
-            if not points:
-                continue
-            xs = [p[0] for p in points]
-            axes[0, col].plot(xs, [p[1]["added_gb"] for p in points], style, label=mode)
-            axes[1, col].plot(xs, [p[1]["median_s"] for p in points], style, label=mode)
-            if key == "layers" and len(points) > 1:
-                # reference curves through the longest block: c*L^2 (stores every concatenation), c*L (new maps only)
-                power = 2 if mode == "plain" else 1
-                scale = points[-1][1]["added_gb"] / xs[-1] ** power
-                fine = [xs[0] + (xs[-1] - xs[0]) * i / 50 for i in range(51)]
-                label = "reference c*L^2" if power == 2 else "reference c*L"
-                axes[0, col].plot(
-                    fine,
-                    [scale * x**power for x in fine],
-                    ":",
-                    color="grey" if power == 2 else "black",
-                    label=label,
-                )
-        axes[0, col].set_title(title, fontsize=10)
-        axes[0, col].set_ylabel("memory added by a training step (GB)")
-        axes[1, col].set_ylabel("step time (s)")
-        axes[1, col].set_xlabel(key)
-        for ax in axes[:, col]:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+
+
+def _reference_curve(ax, xs: list, added_gb: float, mode: str) -> None:
+    """Memory over block lengths ``xs`` (layers, ascending), through ``added_gb`` (GB) at the longest:
+    c*L^2 for ``plain`` (stores every concatenation), else c*L (new maps only)."""
+    power = 2 if mode == "plain" else 1
+    scale = added_gb / xs[-1] ** power
+    fine = [xs[0] + (xs[-1] - xs[0]) * i / 50 for i in range(51)]
+    label = "reference c*L^2" if power == 2 else "reference c*L"
+    ax.plot(
+        fine,
+        [scale * x**power for x in fine],
+        ":",
+        color="grey" if power == 2 else "black",
+        label=label,
+    )
+
+
+def _plot_panel(top, bottom, title: str, configs: Mapping, key: str) -> None:
+    """Memory added (GB, ``top``) and step time (s, ``bottom``) against ``key``, plain and memory-efficient."""
+    for mode, style in (("plain", "o-"), ("memory-efficient", "s-")):
+        points = sorted(
+            (c[key], c) for n, c in configs.items() if n.endswith(mode) and c.get("status") == "ok"
+        )
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        top.plot(xs, [p[1]["added_gb"] for p in points], style, label=mode)
+        bottom.plot(xs, [p[1]["median_s"] for p in points], style, label=mode)
+        if key == "layers" and len(points) > 1:
+            _reference_curve(top, xs, points[-1][1]["added_gb"], mode)
+    top.set_title(title, fontsize=10)
+    top.set_ylabel("memory added by a training step (GB)")
+    bottom.set_ylabel("step time (s)")
+    bottom.set_xlabel(key)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+
+def scaling_plot(results: Mapping, path: Path) -> Path | None:
+    """Memory and step time against dense-block length, model depth and image size (PNG at ``path``)."""
+    scaling = results.get("suites", {}).get("scaling")
+    if not scaling:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    for col, (title, configs, key) in enumerate(_scaling_panels(scaling)):
+        _plot_panel(axes[0, col], axes[1, col], title, configs, key)
     fig.suptitle(
         f"Training-step memory and time, plain against memory-efficient ({results['machine']['name']})"
     )
@@ -165,14 +179,13 @@ def scaling_plot(results: Mapping, path: Path) -> Path | None:
     return path
 
 
-def _machine_section(results: Mapping, docs_path: Path, plot: Path | None) -> str:
+def _run_facts(results: Mapping, metas: Mapping[str, Mapping]) -> list[str]:
+    """The bullet list: command, date, machine, software, threads, load and caveats of the run."""
     m = results["machine"]
     load = results.get("load_average", {})
-    out = [f"## {m['name']}", ""]
-    metas = {name: suite.get("meta", {}) for name, suite in results["suites"].items()}
     commands = {meta.get("command", results["command"]) for meta in metas.values()}
     total = sum(meta.get("wall_s", 0.0) for meta in metas.values())
-    out.append(f"- Command: {', then '.join(f'`{c}`' for c in sorted(commands))}")
+    out = [f"- Command: {', then '.join(f'`{c}`' for c in sorted(commands))}"]
     out.append(f"- Date: {results['date']} (wall time of the suites below: {total / 60:.1f} min)")
     machine = f"{m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM"
     if m.get("gpu"):
@@ -196,6 +209,11 @@ def _machine_section(results: Mapping, docs_path: Path, plot: Path | None) -> st
         )
     if results.get("quick"):
         out.append("- **Quick mode** (tiny sizes, a smoke test): the numbers say nothing about speed.")
+    return out
+
+
+def _runs_table(results: Mapping, metas: Mapping[str, Mapping]) -> str:
+    """One row per suite: its command, date, wall time and load average."""
     runs = [
         [
             name,
@@ -207,113 +225,140 @@ def _machine_section(results: Mapping, docs_path: Path, plot: Path | None) -> st
         ]
         for name, meta in metas.items()
     ]
-    out += ["", _table(["suite", "command", "date", "wall s", "load before", "load after"], runs)]
-    out += ["", "### Goals", ""]
+    return _table(["suite", "command", "date", "wall s", "load before", "load after"], runs)
+
+
+def _goals_section(results: Mapping) -> list[str]:
+    """The goals table (:func:`benchmarks.goals.goals`)."""
     met_text = {True: "met", False: "**not met**", None: "-"}
+    rows = [[g["goal"], g["measured"], met_text[g["met"]], g["note"]] for g in goals(results)]
+    return ["", "### Goals", "", _table(["goal", "measured", "met", "note"], rows)]
+
+
+def _fast_paths_section(results: Mapping) -> list[str]:
+    """The fast-path verdicts (:func:`benchmarks.goals.fast_paths`) and the rule they follow."""
+    rows = [[r["path"], r["where"], r["measured"], r["verdict"]] for r in fast_paths(results)]
+    return [
+        "",
+        "### Fast paths",
+        "",
+        "Kept only where the numbers justify them: at least 1.05x faster, or, for a memory-saving path, at least 10% less peak memory for at most 10% less speed.",
+        "",
+        _table(["fast path", "where", "measured", "verdict"], rows),
+    ]
+
+
+# (title, group of the train suite, reference configuration of the group)
+TRAINING_GROUPS = (
+    ("DenseNet-121", "densenet121", "torchvision plain"),
+    ("Segmentation", "segmentation", "smp Unet(densenet121)"),
+    ("FC-DenseNet", "fc_densenet", "FC-DenseNet103 plain"),
+)
+
+
+def _training_section(t: Mapping) -> list[str]:
+    """The train suite: one table per group of models."""
+    plan = t["plan"]
+    out = ["", "### Training step", ""]
     out.append(
-        _table(
-            ["goal", "measured", "met", "note"],
-            [[g["goal"], g["measured"], met_text[g["met"]], g["note"]] for g in goals(results)],
-        )
+        f"One step = forward, cross-entropy, backward, SGD update. DenseNet-121: batch {plan['batch']}, "
+        f"{plan['size']}x{plan['size']}, 3 channels, 1000 classes, same weights; segmentation: 1 channel, 4 classes."
     )
-    out += ["", "### Fast paths", "", "Kept only where the numbers justify them: at least 1.05x faster, or, for a memory-saving path, at least 10% less peak memory for at most 10% less speed.", ""]
+    for title, group, reference in TRAINING_GROUPS:
+        out += ["", f"{title} (ratios against {reference}):", "", _group_table(t[group], reference, "images")]
+    return out
+
+
+def _compile_table(compiled: Mapping) -> str:
+    """One row per model: compile time and eager against compiled slices/s."""
+    rows = []
+    for name, c in compiled.items():
+        if c.get("status") == "ok":
+            e, k = c["eager"], c["compiled"]
+            rows.append(
+                [
+                    name,
+                    c["compile_s"],
+                    e["items_per_s"],
+                    k["items_per_s"],
+                    k["items_per_s"] / e["items_per_s"],
+                    "ok",
+                ]
+            )
+        else:
+            rows.append([name, "-", "-", "-", "-", f"{c['status']}: {c.get('reason', '')}"])
+    return _table(["model", "compile s", "eager slices/s", "compiled slices/s", "ratio", "status"], rows)
+
+
+def _inference_section(i: Mapping) -> list[str]:
+    """The infer suite: throughput per model, whole-volume latency, ``torch.compile``."""
+    plan = i["plan"]
+    out = ["", "### Inference", ""]
     out.append(
-        _table(
-            ["fast path", "where", "measured", "verdict"],
-            [[r["path"], r["where"], r["measured"], r["verdict"]] for r in fast_paths(results)],
-        )
+        f"Eval mode under `torch.inference_mode`; slices/s on batches of {plan['batch']} slices of "
+        f"{plan['size']}x{plan['size']}; ratios against fp32 eager. CPU has native bf16: {i.get('cpu_native_bf16', '-')}."
     )
+    for name, group in i["throughput"].items():
+        out += ["", f"{name}:", "", _group_table(group, "eager", "slices")]
+    shape = plan["volume_shape"]
+    out += [
+        "",
+        f"Whole volume ({shape[0]}x{shape[1]} in-plane, {shape[2]} slices) through `Predictor.predict` "
+        "(preprocessing, network, inverse mapping; no TTA; model loading excluded):",
+        "",
+        _group_table(i["volume"], None, "slices"),
+    ]
+    out += ["", "`torch.compile` (child process, time-boxed; compile time excluded from slices/s):", ""]
+    out.append(_compile_table(i["compile"]))
+    return out
+
+
+def _data_section(d: Mapping) -> list[str]:
+    """The data suite: one epoch of the training loader per worker setting."""
+    plan = d["plan"]
+    out = ["", "### Data", ""]
+    out.append(
+        f"`SegmentationDataModule.train_dataloader()` over a {plan['patients']}-patient synthetic phantom, "
+        f"crop {plan['crop']}x{plan['crop']}, batch {plan['batch']}, augmentation `{d['augmentation']}`, from "
+        f"the filled cache (filling it took {d['cache_fill_s']:.1f} s); one call = one epoch. Ratios against 0 workers."
+    )
+    return out + ["", _group_table(d["loaders"], "0 workers", "slices")]
+
+
+def _scaling_section(s: Mapping, docs_path: Path, plot: Path | None) -> list[str]:
+    """The scaling tables, with ``plot`` linked relative to the page at ``docs_path``."""
+    plan = s["plan"]
+    out = ["", "### Scaling", ""]
+    out.append(
+        f"Training steps at batch {plan['batch']} (dense block: batch {plan['block_batch']}, "
+        f"{plan['block_size']}x{plan['block_size']}, 48 input maps, k=16). The plain dense block stores "
+        "every layer's concatenation and BN output, so its memory grows with the square of its length; "
+        "the memory-efficient one stores only the new maps and grows linearly. Whole FC-DenseNets mix "
+        "block lengths and widths, and all memory grows linearly with the pixel count."
+    )
+    if plot is not None:
+        rel = os.path.relpath(plot, docs_path.parent)
+        out += ["", f"![scaling]({rel})"]
+    out += ["", "Dense block:", "", _group_table(s["dense_block"], None, "images")]
+    out += ["", "FC-DenseNets:", "", _group_table(s["models"], None, "images")]
+    return out
+
+
+def _machine_section(results: Mapping, docs_path: Path, plot: Path | None) -> str:
+    """One results file's part of the page: the run, its goals and fast paths, then each suite's tables."""
+    metas = {name: suite.get("meta", {}) for name, suite in results["suites"].items()}
+    out = [f"## {results['machine']['name']}", "", *_run_facts(results, metas)]
+    out += ["", _runs_table(results, metas)]
+    out += _goals_section(results) + _fast_paths_section(results)
     suites = results["suites"]
     if "train" in suites:
-        t = suites["train"]
-        plan = t["plan"]
-        out += ["", "### Training step", ""]
-        out.append(
-            f"One step = forward, cross-entropy, backward, SGD update. DenseNet-121: batch {plan['batch']}, "
-            f"{plan['size']}x{plan['size']}, 3 channels, 1000 classes, same weights; segmentation: 1 channel, 4 classes."
-        )
-        out += [
-            "",
-            "DenseNet-121 (ratios against torchvision plain):",
-            "",
-            _group_table(t["densenet121"], "torchvision plain", "images"),
-        ]
-        out += [
-            "",
-            "Segmentation (ratios against smp Unet(densenet121)):",
-            "",
-            _group_table(t["segmentation"], "smp Unet(densenet121)", "images"),
-        ]
-        out += [
-            "",
-            "FC-DenseNet (ratios against FC-DenseNet103 plain):",
-            "",
-            _group_table(t["fc_densenet"], "FC-DenseNet103 plain", "images"),
-        ]
+        out += _training_section(suites["train"])
     if "infer" in suites:
-        i = suites["infer"]
-        plan = i["plan"]
-        out += ["", "### Inference", ""]
-        out.append(
-            f"Eval mode under `torch.inference_mode`; slices/s on batches of {plan['batch']} slices of "
-            f"{plan['size']}x{plan['size']}; ratios against fp32 eager. CPU has native bf16: {i.get('cpu_native_bf16', '-')}."
-        )
-        for name, group in i["throughput"].items():
-            out += ["", f"{name}:", "", _group_table(group, "eager", "slices")]
-        shape = plan["volume_shape"]
-        out += [
-            "",
-            f"Whole volume ({shape[0]}x{shape[1]} in-plane, {shape[2]} slices) through `Predictor.predict` "
-            "(preprocessing, network, inverse mapping; no TTA; model loading excluded):",
-            "",
-            _group_table(i["volume"], None, "slices"),
-        ]
-        rows = []
-        for name, c in i["compile"].items():
-            if c.get("status") == "ok":
-                e, k = c["eager"], c["compiled"]
-                rows.append(
-                    [
-                        name,
-                        c["compile_s"],
-                        e["items_per_s"],
-                        k["items_per_s"],
-                        k["items_per_s"] / e["items_per_s"],
-                        "ok",
-                    ]
-                )
-            else:
-                rows.append([name, "-", "-", "-", "-", f"{c['status']}: {c.get('reason', '')}"])
-        out += ["", "`torch.compile` (child process, time-boxed; compile time excluded from slices/s):", ""]
-        out.append(
-            _table(["model", "compile s", "eager slices/s", "compiled slices/s", "ratio", "status"], rows)
-        )
+        out += _inference_section(suites["infer"])
     if "data" in suites:
-        d = suites["data"]
-        plan = d["plan"]
-        out += ["", "### Data", ""]
-        out.append(
-            f"`SegmentationDataModule.train_dataloader()` over a {plan['patients']}-patient synthetic phantom, "
-            f"crop {plan['crop']}x{plan['crop']}, batch {plan['batch']}, augmentation `{d['augmentation']}`, from "
-            f"the filled cache (filling it took {d['cache_fill_s']:.1f} s); one call = one epoch. Ratios against 0 workers."
-        )
-        out += ["", _group_table(d["loaders"], "0 workers", "slices")]
+        out += _data_section(suites["data"])
     if "scaling" in suites:
-        s = suites["scaling"]
-        plan = s["plan"]
-        out += ["", "### Scaling", ""]
-        out.append(
-            f"Training steps at batch {plan['batch']} (dense block: batch {plan['block_batch']}, "
-            f"{plan['block_size']}x{plan['block_size']}, 48 input maps, k=16). The plain dense block stores "
-            "every layer's concatenation and BN output, so its memory grows with the square of its length; "
-            "the memory-efficient one stores only the new maps and grows linearly. Whole FC-DenseNets mix "
-            "block lengths and widths, and all memory grows linearly with the pixel count."
-        )
-        if plot is not None:
-            rel = os.path.relpath(plot, docs_path.parent)
-            out += ["", f"![scaling]({rel})"]
-        out += ["", "Dense block:", "", _group_table(s["dense_block"], None, "images")]
-        out += ["", "FC-DenseNets:", "", _group_table(s["models"], None, "images")]
+        out += _scaling_section(suites["scaling"], docs_path, plot)
     return "\n".join(out)
 
 
