@@ -17,7 +17,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.repo_root:} resolver)
@@ -132,9 +132,11 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
 def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, datamodule, stage_dir: Path,
          extra: dict | None = None) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = _callbacks(cfg, stage_cfg, stage_dir)
+    with open_dict(cfg):  # what this stage's callbacks and loggers read: ${stage.dir}, ${stage.monitor}
+        cfg.stage = {"dir": str(stage_dir), "monitor": stage_cfg.monitor}
+    callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
     ckpt_path = _resume_checkpoint(cfg, stage_dir)
-    loggers = [instantiate(lg, save_dir=str(stage_dir)) for lg in (cfg.get("logger") or {}).values() if lg]
     if ckpt_path:
         step = int(safe_torch_load(ckpt_path).get("global_step", 0))
         for logger in loggers:
@@ -221,18 +223,6 @@ def _scheduler_kwargs(cfg: DictConfig) -> dict[str, Any]:
     sched = cfg.get("scheduler") or {}
     factory = instantiate(sched.get("scheduler")) if sched.get("scheduler") else None
     return {"scheduler": factory, "scheduler_interval": sched.get("interval", "epoch")}
-
-
-def _callbacks(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path) -> list[pl.Callback]:
-    callbacks = []
-    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
-        if not cb_cfg:
-            continue
-        if name == "model_checkpoint":
-            callbacks.append(instantiate(cb_cfg, dirpath=str(stage_dir / "checkpoints"), monitor=stage_cfg.monitor))
-        else:
-            callbacks.append(instantiate(cb_cfg))
-    return callbacks
 
 
 def _resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:

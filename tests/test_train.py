@@ -17,6 +17,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import Logger
 
 from seg_densenet.config import CONFIG_DIR, REPO_ROOT
 from seg_densenet.train import train
@@ -76,12 +78,14 @@ def test_every_config_composes_and_instantiates(group, compose_cfg, tmp_path):
             trainer = instantiate(cfg.trainer, accelerator="cpu", devices=1, strategy="auto", logger=False,
                                   enable_checkpointing=False)
             assert trainer.max_epochs == cfg.trainer.max_epochs
-        elif group == "callbacks":
-            for cb in (cfg.callbacks or {}).values():
-                instantiate(cb)
-        elif group == "logger":
-            for lg in (cfg.logger or {}).values():
-                instantiate(lg, save_dir=str(tmp_path))
+        elif group in ("callbacks", "logger"):
+            cfg.stage = {"dir": str(tmp_path), "monitor": "val/dice"}  # as train() fills it in for a stage
+            for node in (cfg[group] or {}).values():
+                built = instantiate(node)
+                if isinstance(built, ModelCheckpoint):
+                    assert (built.dirpath, built.monitor) == (str(tmp_path / "checkpoints"), "val/dice")
+                if isinstance(built, Logger):
+                    assert Path(built.save_dir) == tmp_path
 
 
 def test_slurm_launcher_composes():
