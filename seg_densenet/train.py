@@ -27,6 +27,7 @@ from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.classification import ClassificationModule
 from seg_densenet.lit.segmentation import SegmentationModule
 from seg_densenet.models.dense_unet import ENCODER_ARCHITECTURE
+from seg_densenet.models.densenet import DenseNet
 from seg_densenet.utils.atomic import atomic_write_text
 from seg_densenet.utils.cli import check_overrides, run_cli
 from seg_densenet.utils.ddp import patch_lightning_hydra_launcher, release_ddp_children
@@ -90,6 +91,11 @@ def _run_classification(cfg: DictConfig, stage_dir: Path) -> dict:
     datamodule.setup("fit")
     model_cfg = classifier_config(cfg)
     net = instantiate(model_cfg, num_classes=datamodule.num_classes)
+    if not isinstance(net, DenseNet):
+        raise ConfigError(
+            f"model={cfg.model.get('name', cfg.model.get('_target_'))}: the classify stage needs a DenseNet "
+            "classifier (densenet121, ...) or a model with a DenseNet encoder (model.encoder) to pretrain"
+        )
     record = {"task": "classify", "model": _container(model_cfg) | {"num_classes": datamodule.num_classes},
               "class_names": list(getattr(datamodule, "class_names", [])), "command": command_line()}
     module = ClassificationModule(
@@ -191,25 +197,20 @@ def command_line() -> str | None:
 
 # -- config helpers -------------------------------------------------------------------------------
 def classifier_config(cfg: DictConfig) -> DictConfig:
-    """The classifier to pretrain: ``cfg.model`` if it is a DenseNet classifier, else the encoder
-    DenseNet of a ``dense_unet`` model (same architecture, so its weights hand over exactly)."""
+    """The classifier to pretrain: a DenseNet built from ``cfg.model.encoder`` where the model has a
+    DenseNet encoder (dense_unet: same architecture, so its weights hand over exactly), else
+    ``cfg.model`` itself, which :func:`_run_classification` checks is a DenseNet classifier once built."""
     model = cfg.model
-    name = model.get("name")
-    if name == "dense_unet":
-        params = dict(_container(model.get("encoder_params")) or {})
-        for key in ENCODER_ARCHITECTURE:
-            if model.get(key) is not None:
-                params[key] = _container(model.get(key))
-        return OmegaConf.create({
-            "_target_": "seg_densenet.models.build_densenet", "name": model.encoder,
-            "in_channels": model.in_channels, "drop_rate": 0.0, **params,
-        })
-    if name in ("densenet121", "densenet169", "densenet201", "densenet161", "densenet_bc"):
+    if model.get("encoder") is None:
         return model
-    raise ConfigError(
-        f"model={name}: the classify stage needs a DenseNet classifier (densenet121, ...) or a dense_unet "
-        "model whose encoder it pretrains"
-    )
+    params = dict(_container(model.get("encoder_params")) or {})
+    for key in ENCODER_ARCHITECTURE:
+        if model.get(key) is not None:
+            params[key] = _container(model.get(key))
+    return OmegaConf.create({
+        "_target_": "seg_densenet.models.build_densenet", "name": model.encoder,
+        "in_channels": model.in_channels, "drop_rate": 0.0, **params,
+    })  # fmt: skip
 
 
 def _classification_datamodule(cfg: DictConfig, stage_cfg: DictConfig):

@@ -360,3 +360,15 @@ def test_tensorboard_gets_a_coloured_validation_overlay_per_epoch(compose_cfg, t
     assert "val/overlay" in events.Tags()["images"]
     images = events.Images("val/overlay")
     assert len(images) == 2 and images[0].width > 300 and images[0].height > 150
+
+
+def test_classify_stage_pretrains_the_encoder_or_refuses_a_model_without_one(compose_cfg, tmp_path, synthetic_root):
+    from seg_densenet.errors import ConfigError
+    from seg_densenet.train import classifier_config
+
+    unet = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "model.growth_rate=8"])
+    classifier = instantiate(classifier_config(unet), num_classes=5)
+    assert classifier.features.denseblock1.denselayer1.conv2.out_channels == 8  # the encoder's architecture
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=classify", "model=fc_densenet56"])
+    with pytest.raises(ConfigError, match="model=fc_densenet56: the classify stage needs a DenseNet classifier"):
+        train(cfg)
