@@ -195,10 +195,11 @@ def test_deep_supervision_adds_auxiliary_logits_in_training_only():
         small(deep_supervision=1, decoder=partial(UNetDecoder, decoder_channels=[16, 12, 8, 8, 4]))
 
 
-def test_memory_efficient_mode_gives_identical_outputs_and_gradients():
+@pytest.mark.parametrize("mode", [True, "checkpoint"])
+def test_memory_efficient_mode_gives_identical_outputs_and_gradients(mode):
     torch.manual_seed(0)
     plain = small(drop_rate=0.2)
-    efficient = small(drop_rate=0.2, memory_efficient=True)
+    efficient = small(drop_rate=0.2, memory_efficient=mode)
     efficient.load_state_dict(plain.state_dict())
     x = torch.randn(2, 1, 45, 50)
     results = []

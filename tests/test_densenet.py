@@ -183,10 +183,12 @@ def _train_step(model, x):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats():
+@pytest.mark.parametrize("mode", [True, "checkpoint"])
+def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats(mode):
     torch.manual_seed(0)
     plain = _small(drop_rate=0.0)
-    efficient = _small(memory_efficient=True)
+    efficient = _small(memory_efficient=mode)
+    assert efficient.memory_efficient == mode
     efficient.load_state_dict(plain.state_dict())
     x = torch.randn(3, 3, 32, 32)
     grads_plain, grads_efficient = _train_step(plain, x), _train_step(efficient, x)
@@ -203,8 +205,9 @@ def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats():
     "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 )
 def test_memory_efficient_matches_plain_under_bf16_autocast(device):
-    """The hand-written backward of memory-efficient mode under bf16 autocast (``trainer=gpu`` uses
-    bf16-mixed): same outputs and gradients as plain mode up to bf16 rounding, BN statistics moved once."""
+    """Memory-efficient mode under bf16 autocast (``trainer=gpu`` uses bf16-mixed), where it recomputes
+    through ``torch.utils.checkpoint``: same outputs and gradients as plain mode up to bf16 rounding, BN
+    statistics moved once."""
     torch.manual_seed(0)
     plain = _small(drop_rate=0.0).to(device)
     efficient = _small(memory_efficient=True).to(device)
@@ -307,9 +310,10 @@ def _saved_bytes(model, x):
     return sum(seen.values())
 
 
-def test_memory_efficient_stores_much_less_for_backward():
+@pytest.mark.parametrize("mode", [True, "checkpoint"])
+def test_memory_efficient_stores_much_less_for_backward(mode):
     model = densenet121(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     plain = _saved_bytes(model, x)
-    model.memory_efficient = True
+    model.memory_efficient = mode
     assert _saved_bytes(model, x) < 0.5 * plain

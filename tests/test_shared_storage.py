@@ -32,7 +32,7 @@ def _step(module, x):
     return out.detach(), x.grad, [p.grad for p in module.parameters()]
 
 
-@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("memory_efficient", [False, True, "checkpoint"])
 @pytest.mark.parametrize("keep_input", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_dense_block_matches_per_layer_concatenation(memory_efficient, keep_input, channels_last):

@@ -208,7 +208,8 @@ class DenseUNet(nn.Module):
         upsample: ``"transposed"`` or ``"bilinear"``.
         drop_rate: dropout in the decoder (the encoder keeps the classifier's architecture, no dropout).
         memory_efficient: memory-efficient dense layers in encoder and decoder (same outputs and
-            gradients, less memory, slower).
+            gradients, less memory, slower); ``"checkpoint"``: through ``torch.utils.checkpoint``
+            (:func:`~seg_densenet.models.recompute.composite_chain`).
         mc_dropout: keep the decoder's dropout active in eval mode (Monte-Carlo dropout).
         input_skip: concatenate the input image to the decoder's full-resolution stage (a U-Net's
             first skip), which sharpens boundaries at little cost; give that stage at least one layer.

@@ -188,7 +188,9 @@ class DenseNet(nn.Module):
         in_channels: input image channels (1 for cardiac MRI).
         stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or ``"cifar"`` (3x3/1 conv).
         memory_efficient: recompute concat + BN + ReLU (and narrow layers' 1x1 bottleneck) in backward
-            instead of storing them; settable later through the ``memory_efficient`` property.
+            instead of storing them; ``"checkpoint"`` does it through ``torch.utils.checkpoint`` (see
+            :func:`~seg_densenet.models.recompute.composite_chain`); settable later through the
+            ``memory_efficient`` property.
 
     ``forward(x)``: ``(B, in_channels, H, W)`` float -> logits ``(B, num_classes)``.
 
@@ -258,15 +260,17 @@ class DenseNet(nn.Module):
         init_weights(self)
 
     @property
-    def memory_efficient(self) -> bool:
-        """Whether concat + BN + ReLU are recomputed in backward; settable on a built model."""
-        return all(m.memory_efficient for m in self.modules() if isinstance(m, (_DenseLayer, _Transition)))
+    def memory_efficient(self) -> bool | str:
+        """How concat + BN + ReLU are recomputed in backward (``False``: stored; ``True``; ``"checkpoint"``,
+        :func:`~seg_densenet.models.recompute.composite_chain`); settable on a built model."""
+        modes = {m.memory_efficient for m in self.modules() if isinstance(m, (_DenseLayer, _Transition))}
+        return modes.pop() if len(modes) == 1 else False
 
     @memory_efficient.setter
-    def memory_efficient(self, value: bool) -> None:
+    def memory_efficient(self, value: bool | str) -> None:
         for m in self.modules():
             if isinstance(m, (_DenseLayer, _Transition)):
-                m.memory_efficient = bool(value)
+                m.memory_efficient = value
 
     @property
     def min_size(self) -> int:

@@ -13,6 +13,10 @@ What is stored and what is recomputed, per dense layer H = Conv(ReLU(BN(cat(inpu
   linear in depth for a few percent more time per step (DenseUNet training on 2 CPU cores: 0.65x smp
   U-Net's peak memory at 1.28x its speed, plain mode 0.91x at 1.34x; docs/benchmarks.md).
 
+Fallback: ``memory_efficient="checkpoint"`` recomputes the same maps through ``torch.utils.checkpoint``
+instead (it also reruns the chain's convolutions), and ``True`` does so under autocast, which the
+hand-written backward does not reach.
+
 BN running statistics move once per step, not again in the recomputation (:func:`frozen_bn_statistics`).
 Tests compare outputs, gradients and running statistics with plain mode in fp32 and under bf16 autocast
 (``tests/test_densenet.py``; the bf16 case also runs on CUDA when a GPU is present).
@@ -26,6 +30,7 @@ stem); :func:`frozen_bn_statistics` keeps a recomputation from moving BN running
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -43,6 +48,9 @@ __all__ = [
 
 # (norm.weight, norm.bias, conv.weight, conv.bias) per stage
 PARAMS_PER_STAGE = 4
+CHECKPOINT = "checkpoint"
+"""``memory_efficient="checkpoint"``: recompute through ``torch.utils.checkpoint`` instead of
+:class:`CompositeChainFunction` (the fallback, and what autocast uses)."""
 
 
 @contextlib.contextmanager
@@ -245,21 +253,35 @@ def _stage_backward(
 
 
 def composite_chain(
-    inputs: list[Tensor], stages: list[tuple[nn.Module, ...]], memory_efficient: bool
+    inputs: list[Tensor], stages: list[tuple[nn.Module, ...]], memory_efficient: bool | str
 ) -> Tensor:
     """Composite functions H = Conv(ReLU(BN(.))) applied in turn to ``cat(inputs)``, ``(B, C_i, H, W)``
     maps; ``stages`` holds ``(norm, relu, pool, conv)`` modules, ``pool`` None or stateless.
 
-    The recomputing path runs only when gradients will be needed; without them nothing is stored
-    anyway and the plain path is cheaper. Under autocast (bf16-mixed or 16-mixed training) the plain
-    path runs too: the recomputing backward calls the ATen kernels by hand with the forward's dtypes,
-    which autocast does not reach (its convolution backward failed on bf16 activations and fp32 weights).
+    ``memory_efficient``: ``False`` stores every map; ``True`` runs :class:`CompositeChainFunction`;
+    ``"checkpoint"`` (:data:`CHECKPOINT`) runs the plain chain under ``torch.utils.checkpoint``
+    (:func:`checkpoint_with_bn`), the library's recomputation: the same maps are freed, at the cost of
+    rerunning the chain's convolutions too. Under autocast (bf16-mixed or 16-mixed training) ``True``
+    falls back to the checkpoint: the hand-written backward calls the ATen kernels with the forward's
+    dtypes, which autocast does not reach (its convolution backward failed on bf16 activations and fp32
+    weights), while the checkpoint reruns the forward under the same autocast state.
+    The recomputing paths run only when gradients will be needed; without them nothing is stored
+    anyway and the plain path is cheaper.
     """
+    if memory_efficient not in (False, True, CHECKPOINT):
+        raise ValueError(f"memory_efficient must be false, true or {CHECKPOINT!r}, got {memory_efficient!r}")
     params = [t for norm, _, _, conv in stages for t in (norm.weight, norm.bias, conv.weight, conv.bias)]
     needs_grad = any(t is not None and t.requires_grad for t in (*inputs, *params))
-    if memory_efficient and torch.is_grad_enabled() and needs_grad and not _autocast_on(inputs[0].device):
-        specs = tuple((norm, pool, conv) for norm, _, pool, conv in stages)
-        return CompositeChainFunction.apply(specs, *params, *inputs)
+    if not (memory_efficient and torch.is_grad_enabled() and needs_grad):
+        return _plain_chain(*inputs, stages=stages)
+    if memory_efficient == CHECKPOINT or _autocast_on(inputs[0].device):
+        norms = [norm for norm, *_ in stages]
+        return checkpoint_with_bn(functools.partial(_plain_chain, stages=stages), *inputs, norms=norms)
+    specs = tuple((norm, pool, conv) for norm, _, pool, conv in stages)
+    return CompositeChainFunction.apply(specs, *params, *inputs)
+
+
+def _plain_chain(*inputs: Tensor, stages: Sequence[tuple[nn.Module, ...]]) -> Tensor:
     x = concat(inputs)
     for norm, relu, pool, conv in stages:
         x = relu(norm(x))
