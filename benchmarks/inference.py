@@ -10,7 +10,7 @@ Groups, each interleaved in one process run:
 * ``compile``: ``torch.compile`` against eager for the models in ``compile_models``, in a child process
   killed after ``compile_timeout_s`` (compiling on a CPU takes minutes and may fail); the compile time
   is reported apart and excluded from the throughput.
-* ``volume``: :class:`seg_densenet.predict.Predictor` on one ``(X, Y, Z)`` volume (preprocessing,
+* ``volume``: :class:`seg_densenet.inference.predictor.Predictor` on one ``(X, Y, Z)`` volume (preprocessing,
   network, inverse mapping; no TTA, model already loaded), eager, channels_last and, on a CPU with
   onnxruntime installed, the ONNX export run by ONNX Runtime (``predict backend=onnxruntime``).
 
@@ -39,7 +39,7 @@ from benchmarks.measure import Measurement, interleave, summaries
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.models import build_model
-from seg_densenet.predict import Predictor
+from seg_densenet.inference.predictor import Predictor
 
 MODELS = {
     "FC-DenseNet56": "fc_densenet56",

@@ -258,7 +258,7 @@ def robustness_report(
     output = Path(output).expanduser()
     if output.exists() and not output.is_dir():
         raise DataError(f"{output}: output exists and is not a folder")
-    from seg_densenet.predict import build_predictor  # lazy: torch and the models
+    from seg_densenet.inference.predictor import build_predictor  # lazy: torch and the models
 
     predictor, record = build_predictor(
         ckpt,

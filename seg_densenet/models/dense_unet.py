@@ -233,7 +233,7 @@ class DenseUNet(nn.Module):
     size_multiple = 32
     min_size = 32
     """The smallest H and W :meth:`forward` takes (the reflect padding needs the input at least as large
-    as what it adds); :class:`~seg_densenet.predict.Predictor` pads smaller images up to it."""
+    as what it adds); :class:`~seg_densenet.inference.predictor.Predictor` pads smaller images up to it."""
 
     def __init__(
         self,

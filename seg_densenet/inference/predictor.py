@@ -1,0 +1,254 @@
+"""The predictor: a trained network with its training preprocessing, predicting label maps of whole
+volumes chunk by chunk over slices (memory bounded by the chunk), with optional TTA, MC dropout and
+largest-connected-component post-processing; :func:`build_predictor` makes one from a checkpoint."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from seg_densenet.checkpoint import load_model
+from seg_densenet.data.labels import LabelSet
+from seg_densenet.data.nifti import Volume
+from seg_densenet.data.preprocess import GridMeta, Preprocessor
+from seg_densenet.errors import ConfigError, SegDenseNetError
+from seg_densenet.inference.geometry import permute_axes, slice_axis
+from seg_densenet.inference.postprocess import largest_connected_components
+from seg_densenet.inference.tta import IDENTITY, Dihedral, select_tta
+
+log = logging.getLogger("seg_densenet.predict")
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def preprocessor_from_record(data_cfg: dict) -> Preprocessor:
+    """The training preprocessing, without the training crop (models take any size, so a whole
+    slice is predicted and nothing outside a crop is lost)."""
+    settings = data_cfg.get("preprocessing", data_cfg)
+    fields = {f.name for f in dataclasses.fields(Preprocessor)} - {"crop_size"}
+    return Preprocessor(**{k: settings[k] for k in fields if k in settings})
+
+
+class Predictor:
+    """A trained network with its preprocessing; predicts label maps of whole volumes.
+
+    keep_probs: also return the class probabilities on the input grid. tta_transforms: the in-plane
+    symmetries whose softmax is averaged (each applied to the slices, and inverted on the
+    probabilities); :func:`select_tta` picks them from a checkpoint's training augmentation.
+    mc_samples: number of MC-dropout passes (0: dropout off); their mean is the prediction and its
+    entropy the uncertainty.
+    channels_last: run the network in channels-last layout (NHWC), 1.2-1.3x the slices/s of NCHW for
+    every model on the benchmark CPU (docs/benchmarks.md, fast paths).
+    """
+
+    def __init__(self, model: torch.nn.Module, preprocessor: Preprocessor, *, device: str = "cpu",
+                 precision: str = "32", batch_size: int = 16, tta_transforms: Sequence[Dihedral] = (IDENTITY,),
+                 mc_samples: int = 0, postprocess: str | None = None, num_classes: int = 4, keep_probs: bool = False,
+                 memory_budget_mb: float | None = None, channels_last: bool = True):
+        if str(precision) not in PRECISIONS:
+            raise ConfigError(f"precision={precision}: valid values are {', '.join(PRECISIONS)}")
+        if postprocess not in (None, "none", "lcc"):
+            raise ConfigError(f"postprocess={postprocess}: valid values are null, lcc")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be at least 1")
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        self.preprocessor = preprocessor
+        self.autocast_dtype = PRECISIONS[str(precision)]
+        self.batch_size = batch_size
+        self.tta_transforms = tuple(tta_transforms) or (IDENTITY,)
+        self.mc_samples = int(mc_samples)
+        self.postprocess = postprocess if postprocess != "none" else None
+        self.num_classes = num_classes
+        self.keep_probs = keep_probs
+        self.memory_budget_mb = memory_budget_mb
+        self._slice_bytes: dict[tuple[int, int], int] = {}
+        if self.mc_samples:
+            if not hasattr(self.model, "enable_mc_dropout"):
+                raise ConfigError(f"mc_samples={mc_samples}: {type(model).__name__} has no MC-dropout switch")
+            self.model.enable_mc_dropout(True)
+
+    @torch.inference_mode()
+    def _probabilities(self, slices: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(B, C, H, W)`` float32 of slices ``(B, 1, H, W)``, averaged over TTA and MC passes."""
+        passes = max(self.mc_samples, 1)
+        total = None
+        for _ in range(passes):
+            for transform in self.tta_transforms:
+                x = transform.apply(slices).contiguous(memory_format=self.memory_format)
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    logits = self.model(x)
+                probs = transform.invert(logits.float().softmax(1))
+                total = probs if total is None else total + probs
+        return total / (passes * len(self.tta_transforms))
+
+    def predict(self, volume: Volume, progress: Progress | None = None, task=None) -> dict[str, np.ndarray]:
+        """``{"labels": (X, Y, Z) uint8, "probs": (C, X, Y, Z) float32 (if kept), "entropy": (X, Y, Z)}``.
+
+        The arrays have the input's axis order whichever axis holds the slices (:func:`slice_axis`): a
+        volume stored slices-first is predicted with the slice axis moved last, and moved back.
+        """
+        axis = slice_axis(volume)
+        if axis == 2:
+            return self._predict_slices_last(volume, progress, task)
+        order = (*(a for a in range(3) if a != axis), axis)
+        log.info("%s: slices along voxel axis %d (shape %s, spacing %s mm); predicted with that axis last",
+                 volume.path or "volume", axis, volume.shape, tuple(round(s, 3) for s in volume.spacing))
+        result = self._predict_slices_last(permute_axes(volume, order), progress, task)
+        back = tuple(int(a) for a in np.argsort(order))
+        return {
+            key: np.ascontiguousarray(value.transpose(back if value.ndim == 3 else (0, *(a + 1 for a in back))))
+            for key, value in result.items()
+        }
+
+    def _predict_slices_last(self, volume: Volume, progress: Progress | None, task) -> dict[str, np.ndarray]:
+        """:meth:`predict` of a volume ``(X, Y, Z)`` with Z the slices; works chunk by chunk over
+        slices: resampling is in-plane only, so each chunk inverts exactly."""
+        image, meta = self.preprocessor.forward(volume)
+        image, window = pad_to_min_size(image, getattr(self.model, "min_size", 1))
+        n_slices = image.shape[0]
+        X, Y, _ = meta.original_shape
+        labels = np.zeros((X, Y, n_slices), dtype=np.uint8)
+        batch_size = self.slices_within_budget(*image.shape[1:])
+        probs_out = np.zeros((self.num_classes, X, Y, n_slices), dtype=np.float32) if self.keep_probs else None
+        entropy = np.zeros((X, Y, n_slices), dtype=np.float32) if self.mc_samples else None
+        for start in range(0, n_slices, batch_size):
+            stop = min(start + batch_size, n_slices)
+            chunk = torch.from_numpy(image[start:stop, None]).to(self.device)
+            try:
+                probs = self._probabilities(chunk).cpu().numpy()[(..., *window)]
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if "memory" not in str(err).lower():
+                    raise
+                raise SegDenseNetError(
+                    f"{volume.path}: out of memory predicting {stop - start} slices of {image.shape[1:]} at once; "
+                    f"lower batch_size (now {batch_size}) or set memory_budget_mb"
+                ) from err
+            chunk_meta = _chunk_meta(meta, stop - start)
+            probs_xyz = self.preprocessor.invert(probs, chunk_meta)  # (C, X, Y, b)
+            labels[..., start:stop] = probs_xyz.argmax(0).astype(np.uint8)
+            if probs_out is not None:
+                probs_out[..., start:stop] = probs_xyz
+            if entropy is not None:
+                p = np.clip(probs_xyz, 1e-8, 1.0)
+                entropy[..., start:stop] = -(p * np.log(p)).sum(0)
+            if progress is not None:
+                progress.advance(task, stop - start)
+        if self.postprocess == "lcc":
+            labels = largest_connected_components(labels)
+        out = {"labels": labels}
+        if probs_out is not None:
+            out["probs"] = probs_out
+        if entropy is not None:
+            out["entropy"] = entropy
+        return out
+
+
+    def slices_within_budget(self, height: int, width: int) -> int:
+        """Slices per forward pass: ``batch_size``, lowered so that the measured memory of one slice's
+        pass (network, softmax, inverse mapping) times the batch stays within ``memory_budget_mb``."""
+        if not self.memory_budget_mb:
+            return self.batch_size
+        key = (height, width)
+        if key not in self._slice_bytes:
+            self._slice_bytes[key] = self._measure_slice_bytes(height, width)
+        fits = int(self.memory_budget_mb * 2**20 // self._slice_bytes[key])
+        batch = max(1, min(self.batch_size, fits))
+        if batch < self.batch_size:
+            log.info("memory budget %.0f MB: %d slice(s) of %dx%d per pass", self.memory_budget_mb, batch, height, width)
+        return batch
+
+    def _measure_slice_bytes(self, height: int, width: int) -> int:
+        """Peak extra memory (bytes) of predicting one slice, measured once per in-plane size."""
+        x = torch.zeros(1, 1, height, width, device=self.device)
+        # a first, unmeasured pass: one-time allocations (kernel workspaces, thread pools) are not per slice
+        self._probabilities(x)
+        # what the chunk keeps besides the network: probabilities, their inverse mapping, labels
+        floor = height * width * 4 * (3 * self.num_classes + 2)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self._probabilities(x)
+            return max(torch.cuda.max_memory_allocated(self.device) - base, floor)
+        status = Path("/proc/self/status")
+        if not status.is_file():
+            return floor
+        _release_free_heap()  # so that the pass's growth is not hidden in memory freed by the first pass
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+        base = _proc_status_kb("VmRSS")
+        self._probabilities(x)
+        return max((_proc_status_kb("VmHWM") - base) * 1024, floor)
+
+
+def pad_to_min_size(image: np.ndarray, min_size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Centre-pad slices ``(S, H, W)`` to at least ``min_size`` on H and W with their minimum value.
+
+    The networks take H, W >= their ``min_size`` (32 for the DenseUNet); a smaller image (a 20x20
+    thumbnail, a single voxel) gets a background border instead of an error. Returns the padded slices
+    and the ``(h, w)`` slices that cut the original window back out of any ``(..., H', W')`` output.
+    """
+    pads = [max(0, min_size - n) for n in image.shape[1:]]
+    window = tuple(slice(p // 2, p // 2 + n) for p, n in zip(pads, image.shape[1:]))
+    if not any(pads):
+        return image, window
+    fill = float(image.min()) if image.size else 0.0
+    widths = ((0, 0), *((p // 2, p - p // 2) for p in pads))
+    return np.pad(image, widths, mode="constant", constant_values=fill), window
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _chunk_meta(meta: GridMeta, n: int) -> GridMeta:
+    return dataclasses.replace(
+        meta, original_shape=(*meta.original_shape[:2], n), resampled_shape=(*meta.resampled_shape[:2], n)
+    )
+
+
+def build_predictor(ckpt: str | Path, *, device: str = "auto", tta: bool | str = False, backend: str = "torch",
+                    **options) -> tuple[Predictor, dict]:
+    """The :class:`Predictor` of a segmentation checkpoint (its network and training preprocessing)
+    with ``options`` (see :class:`Predictor`); returns ``(predictor, checkpoint record)``.
+
+    tta: false | true | d4 (see :func:`select_tta`), limited to what the checkpoint was trained with.
+    backend: torch | onnxruntime | auto (:mod:`seg_densenet.backends`).
+    """
+    from seg_densenet.backends import OnnxRuntimeModel, cached_onnx, resolve_backend
+
+    model, record = load_model(ckpt)
+    if record.get("task") != "segment":
+        raise SegDenseNetError(f"{ckpt}: a {record.get('task')} checkpoint, not a segmentation model")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    backend = resolve_backend(backend, device, str(options.get("precision", "32")), options.get("mc_samples", 0))
+    if backend == "onnxruntime":
+        model = OnnxRuntimeModel(cached_onnx(ckpt), min_size=getattr(model, "min_size", 1),
+                                 threads=torch.get_num_threads())
+        options["channels_last"] = False  # the graph takes NCHW arrays
+    data_cfg = record.get("data") or {}
+    predictor = Predictor(
+        model, preprocessor_from_record(data_cfg), device=device,
+        num_classes=LabelSet.from_record(record).num_classes,
+        tta_transforms=select_tta(tta, data_cfg.get("augmentation")), **options,
+    )
+    return predictor, record
