@@ -49,10 +49,13 @@ class BaseModule(pl.LightningModule):
         return self.model(x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x)
 
     def parameter_groups(self) -> list[dict]:
+        """The optimiser's parameter groups; a group's ``lr_mult`` scales the optimiser's learning rate."""
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:  # before the schedule reads each group's initial lr
+            group["lr"] *= group.pop("lr_mult", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -10,6 +11,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.evaluation.metrics import dice, iou, structure_metrics
 from seg_densenet.lit.base import BaseModule
+from seg_densenet.lit.finetuning import EncoderFinetuning
 from seg_densenet.lit.losses import build_loss, deep_supervision_loss
 
 
@@ -25,8 +27,9 @@ class SegmentationModule(BaseModule):
     ``val/dice_lv``, ``val/dice`` (their mean), ``val/dice_best`` (best ``val/dice`` so far), ``val/iou*``,
     ``val/hd95*``.
 
-    Fine-tuning options act on ``model.encoder`` (DenseUNet, smp Unet): ``freeze_encoder_epochs``,
-    ``encoder_lr_mult`` and ``freeze_encoder_bn``.
+    Fine-tuning options act on ``model.encoder`` (DenseUNet, smp Unet): ``encoder_lr_mult`` (its own
+    parameter group), and ``freeze_encoder_epochs`` and ``freeze_encoder_bn``, which the module hands to
+    Lightning as an :class:`~seg_densenet.lit.finetuning.EncoderFinetuning` callback.
     """
 
     def __init__(self, model: nn.Module, optimizer, scheduler=None, scheduler_interval="step", record=None,
@@ -59,32 +62,12 @@ class SegmentationModule(BaseModule):
             return [{"params": list(self.model.parameters())}]
         encoder_ids = {id(p) for p in self.encoder.parameters()}
         rest = [p for p in self.model.parameters() if id(p) not in encoder_ids]
-        base_lr = self.optimizer_factory.keywords.get("lr", 1e-3)
-        return [{"params": rest}, {"params": list(self.encoder.parameters()), "lr": base_lr * self.encoder_lr_mult}]
+        return [{"params": rest}, {"params": list(self.encoder.parameters()), "lr_mult": self.encoder_lr_mult}]
 
-    def on_train_epoch_start(self) -> None:
-        if self.encoder is not None and self.freeze_encoder_epochs:
-            frozen = self.current_epoch < self.freeze_encoder_epochs
-            for p in self.encoder.parameters():
-                p.requires_grad_(not frozen)
-        self._apply_bn_freeze()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._apply_bn_freeze()
-        return self
-
-    def _apply_bn_freeze(self) -> None:
-        frozen_epoch = self.freeze_encoder_epochs and self.current_epoch_safe < self.freeze_encoder_epochs
-        if self.encoder is None or not (self.freeze_encoder_bn or frozen_epoch):
-            return
-        for m in self.encoder.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-    @property
-    def current_epoch_safe(self) -> int:
-        return self.current_epoch if self._trainer is not None else 0
+    def configure_callbacks(self) -> list[pl.Callback]:
+        if not (self.freeze_encoder_epochs or self.freeze_encoder_bn):
+            return []
+        return [EncoderFinetuning(self.freeze_encoder_epochs, self.freeze_encoder_bn)]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         outputs = self(batch["image"])
