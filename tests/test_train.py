@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import itertools
 import json
 import math
 import re
@@ -327,14 +328,22 @@ def test_resume_after_sigkill_continues_to_the_same_final_epoch(tmp_path, synthe
     assert summary["output_dir"] == str(run)
     # one validation row per epoch: the history continues where it stopped, no epoch missing or twice
     assert _logged_epochs(run) == [0, 1, 2, 3]
+    # the best validation Dice so far carries over the resume (kept in the checkpoint)
+    rows = sorted(_validation_rows(run), key=lambda row: int(float(row["epoch"])))
+    dice = [float(row["val/dice"]) for row in rows]
+    assert [float(row["val/dice_best"]) for row in rows] == pytest.approx(list(itertools.accumulate(dice, max)))
 
 
-def _logged_epochs(run: Path) -> list[int]:
+def _validation_rows(run: Path) -> list[dict]:
     path = run / "csv" / "metrics.csv"
     if not path.is_file():
         return []
     with path.open() as f:
-        return sorted(int(float(row["epoch"])) for row in csv.DictReader(f) if row.get("val/dice"))
+        return [row for row in csv.DictReader(f) if row.get("val/dice")]
+
+
+def _logged_epochs(run: Path) -> list[int]:
+    return sorted(int(float(row["epoch"])) for row in _validation_rows(run))
 
 
 def test_unknown_task_stage_is_a_config_error(compose_cfg, tmp_path, synthetic_root):

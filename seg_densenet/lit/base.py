@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchmetrics import MaxMetric
 
 from seg_densenet.errors import SegDenseNetError
 
@@ -44,6 +45,13 @@ class BaseModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.record = record or {}
+        self.val_best = MaxMetric()  # the best value so far of the monitored validation metric (log_best)
+
+    def log_best(self, name: str, value: float) -> None:
+        """Log ``<name>_best``, the best ``name`` so far (kept in checkpoints, so a resumed run goes on
+        from it); ``name`` is the stage's monitored validation metric (``val/dice``, ``val/acc``)."""
+        self.val_best.update(torch.tensor(float(value)))
+        self.log(f"{name}_best", self.val_best.compute(), prog_bar=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x)
@@ -84,3 +92,10 @@ class BaseModule(pl.LightningModule):
             "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "metrics": dict(sorted(metrics.items())),
         }
+        if self.val_best.update_count:
+            checkpoint["val_best"] = float(self.val_best.compute())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        best = checkpoint.get("val_best", checkpoint.get("best_val_acc"))  # best_val_acc: older classifiers
+        if best is not None:
+            self.val_best.update(torch.tensor(float(best)))

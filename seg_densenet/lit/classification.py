@@ -23,7 +23,6 @@ class ClassificationModule(BaseModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.best_val_acc = 0.0
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["image"])
@@ -49,8 +48,7 @@ class ClassificationModule(BaseModule):
     def on_validation_epoch_end(self) -> None:
         acc = self.trainer.callback_metrics.get("val/acc")
         if acc is not None and not self.trainer.sanity_checking:
-            self.best_val_acc = max(self.best_val_acc, float(acc))
-            self.log("val/acc_best", self.best_val_acc)
+            self.log_best("val/acc", float(acc))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         loss, pred = self._step(batch)
@@ -58,10 +56,3 @@ class ClassificationModule(BaseModule):
         bs = batch["label"].shape[0]
         self.log("test/loss", loss, batch_size=bs, sync_dist=True)
         self.log("test/acc", self.test_acc, batch_size=bs)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["best_val_acc"] = self.best_val_acc
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best_val_acc = float(checkpoint.get("best_val_acc", 0.0))

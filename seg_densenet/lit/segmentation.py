@@ -6,7 +6,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MeanMetric
 
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.evaluation.metrics import dice, iou, structure_metrics
@@ -48,7 +48,6 @@ class SegmentationModule(BaseModule):
         names = [f"{m}_{s}" for m in ("dice", "iou", "hd95") for s in self.structures]
         self.val_metrics = nn.ModuleDict({n: MeanMetric(nan_strategy="ignore") for n in names})
         self.test_metrics = nn.ModuleDict({n: MeanMetric(nan_strategy="ignore") for n in names})
-        self.val_dice_best = MaxMetric()
         if (freeze_encoder_epochs or encoder_lr_mult != 1.0 or freeze_encoder_bn) and self.encoder is None:
             raise ValueError("encoder fine-tuning options need a model with an `encoder` (dense_unet, smp_unet)")
 
@@ -124,8 +123,7 @@ class SegmentationModule(BaseModule):
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch(self.val_metrics, "val")
         if "val/dice" in values and not self.trainer.sanity_checking:
-            self.val_dice_best.update(torch.tensor(values["val/dice"]))
-            self.log("val/dice_best", self.val_dice_best.compute(), prog_bar=True)
+            self.log_best("val/dice", values["val/dice"])
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch(self.test_metrics, "test")
