@@ -299,6 +299,13 @@ def test_labelled_patients_limits_segmentation_labels_only(dataset, tmp_path):
     cls = dm.classification_datamodule()
     cls.setup("fit")
     assert {e.name.rsplit("_", 1)[0] for e in cls.datasets["train"].store.entries} == set(dm.split["train"])
+    # ... chosen without contours: the middle half of every stack, crops around the image centre
+    diagnosis = cls.datasets["train"]
+    assert diagnosis.mask_free
+    for i in range(len(diagnosis.store.entries)):
+        n = diagnosis.store.arrays(i)[0].shape[0]
+        assert [z for j, z in diagnosis.index if j == i] == list(range(n // 4, n - n // 4))
+    assert diagnosis[0]["image"].shape[1:] == tuple(dm.crop_size)
     # the same seed gives the same patients; split.json lists them
     again = make_dm(dataset, tmp_path / "cache", labelled_patients=3)
     again.setup("fit")

@@ -350,7 +350,10 @@ class ClassificationDataModule(pl.LightningDataModule):
             entries = [e for e in seg.entries[split] if group_of.get(e.name.rpartition("_")[0]) is not None]
             labels = [group_of[e.name.rpartition("_")[0]] for e in entries]
             augment = WorkerSeededAugment(seg.augmentation) if split == "train" and seg.augmentation else None
-            self.datasets[split] = DiagnosisSliceDataset(entries, labels, seg.crop_size, augment, lv_label)
+            # label-scarce (data.labelled_patients): every patient has a diagnosis, few have contours, so
+            # the pretraining slices and crops are chosen without any
+            self.datasets[split] = DiagnosisSliceDataset(entries, labels, seg.crop_size, augment, lv_label,
+                                                         mask_free=seg.labelled_patients is not None)
         if len(self.datasets["train"]) == 0:
             raise DataError(
                 f"{seg.root}: no training case has a diagnosis group in {GROUPS} (Group in the info file)"

@@ -189,6 +189,9 @@ class DiagnosisSliceDataset(Dataset):
     "case": "patient001_ED"}``.
 
     labels: the group index of each entry; lv_label: the class value of the LV cavity in the masks.
+    mask_free: use no contour at all, as for patients with a diagnosis but no segmentation (the
+    label-scarce setting, ``data.labelled_patients``): the middle half of each stack's slices, cropped
+    around the image centre instead of the heart.
     """
 
     def __init__(
@@ -198,24 +201,33 @@ class DiagnosisSliceDataset(Dataset):
         crop_size: Sequence[int] | None = None,
         augment: Callable | None = None,
         lv_label: int = 3,
+        mask_free: bool = False,
     ):
         self.store = _CachedArrays(entries)
         self.labels = [int(v) for v in labels]
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.augment = augment
+        self.mask_free = mask_free
         self.index = []
         for i in range(len(self.store.entries)):
             _, mask = self.store.arrays(i)
-            lv = [z for z in range(mask.shape[0]) if np.any(np.asarray(mask[z]) == lv_label)]
-            cut = len(lv) // 4
-            self.index.extend((i, z) for z in lv[cut : len(lv) - cut])
+            if mask_free:
+                chosen = list(range(mask.shape[0]))
+            else:
+                chosen = [z for z in range(mask.shape[0]) if np.any(np.asarray(mask[z]) == lv_label)]
+            cut = len(chosen) // 4
+            self.index.extend((i, z) for z in chosen[cut : len(chosen) - cut])
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, k: int) -> dict:
         i, z = self.index[k]
-        image, mask = self.store.crop(i, z, self.crop_size)
+        if self.mask_free and self.crop_size is not None:
+            shape = self.store.arrays(i)[0].shape[1:]
+            image, mask = self.store.crop_at(i, z, self.crop_size, ((shape[0] - 1) / 2, (shape[1] - 1) / 2))
+        else:
+            image, mask = self.store.crop(i, z, self.crop_size)
         if self.augment is not None:
             image, _ = self.augment(image, mask)
         return {
