@@ -211,15 +211,15 @@ _TRAINER = [
 ]
 _TASK = [
     rule("task.segment.max_epochs", int_at_least(1)),
-    rule("task.segment.loss", one_of("ce", "dice", "dice_ce")),
-    rule("task.segment.hd95_every_n_epochs", int_at_least(0)),
-    rule("task.segment.freeze_encoder_epochs", int_at_least(0)),
-    rule("task.segment.encoder_lr_mult", number_at_least(0)),
-    rule("task.segment.freeze_encoder_bn", BOOLEAN),
-    rule("task.segment.inference_batch_size", int_at_least(1)),
+    rule("task.segment.module.loss", one_of("ce", "dice", "dice_ce")),
+    rule("task.segment.module.hd95_every_n_epochs", int_at_least(0)),
+    rule("task.segment.module.freeze_encoder_epochs", int_at_least(0)),
+    rule("task.segment.module.encoder_lr_mult", number_at_least(0)),
+    rule("task.segment.module.freeze_encoder_bn", BOOLEAN),
+    rule("task.segment.module.inference_batch_size", int_at_least(1)),
     rule("task.classify.max_epochs", int_at_least(1)),
     rule("task.classify.batch_size", int_at_least(1), nullable=True),
-    rule("task.classify.label_smoothing", number_in(0, 1, high_open=True)),
+    rule("task.classify.module.label_smoothing", number_in(0, 1, high_open=True)),
 ]
 _MODEL = [
     rule("model.growth_rate", int_at_least(1), nullable=True),
@@ -352,12 +352,12 @@ def _check_training(cfg: DictConfig) -> None:
         data, model = _value(cfg, f"data.{key}"), _value(cfg, f"model.{key}")
         if _is_int(data) and _is_int(model) and data != model:
             raise bad_option(f"model.{key}", model, f"equal to data.{key}={data}")
-    weights = _value(cfg, "task.segment.class_weights")
+    weights = _value(cfg, "task.segment.module.class_weights")
     classes = _value(cfg, "data.num_classes")
     if weights not in (None, _ABSENT) and "segment" in (_value(cfg, "task.stages") or []):
         if not (isinstance(weights, list) and all(_is_number(w) and w >= 0 for w in weights)
                 and (not _is_int(classes) or len(weights) == classes)):
-            raise bad_option("task.segment.class_weights", weights, f"a list of {classes} numbers >= 0, or null")
+            raise bad_option("task.segment.module.class_weights", weights, f"a list of {classes} numbers >= 0, or null")
     _check_augmentation(cfg)
     _check_input_size(cfg)
     ckpt = _value(cfg, "ckpt_path")

@@ -24,8 +24,6 @@ from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.re
 from seg_densenet.checkpoint import safe_torch_load
 from seg_densenet.config_checks import validate
 from seg_densenet.errors import ConfigError, SegDenseNetError
-from seg_densenet.lit.classification import ClassificationModule
-from seg_densenet.lit.segmentation import SegmentationModule
 from seg_densenet.models.dense_unet import ENCODER_ARCHITECTURE
 from seg_densenet.models.densenet import DenseNet
 from seg_densenet.utils.atomic import atomic_write_text
@@ -98,10 +96,9 @@ def _run_classification(cfg: DictConfig, stage_dir: Path) -> dict:
         )
     record = {"task": "classify", "model": _container(model_cfg) | {"num_classes": datamodule.num_classes},
               "class_names": list(getattr(datamodule, "class_names", [])), "command": command_line()}
-    module = ClassificationModule(
+    module = instantiate(stage_cfg.module)(
         net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
-        num_classes=datamodule.num_classes, label_smoothing=stage_cfg.label_smoothing,
-        channels_last=cfg.channels_last,
+        num_classes=datamodule.num_classes, channels_last=cfg.channels_last,
     )
     return _fit(cfg, stage_cfg, module, datamodule, stage_dir)
 
@@ -125,11 +122,8 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         "class_names": list(datamodule.class_names),
         "command": command_line(),
     }
-    module = SegmentationModule(
+    module = instantiate(stage_cfg.module)(
         net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
-        loss=stage_cfg.loss, class_weights=stage_cfg.class_weights, hd95_every_n_epochs=stage_cfg.hd95_every_n_epochs,
-        freeze_encoder_epochs=stage_cfg.freeze_encoder_epochs, encoder_lr_mult=stage_cfg.encoder_lr_mult,
-        freeze_encoder_bn=stage_cfg.freeze_encoder_bn, inference_batch_size=stage_cfg.inference_batch_size,
         channels_last=cfg.channels_last, labels=datamodule.label_set.structures,
     )
     return _fit(cfg, stage_cfg, module, datamodule, stage_dir, {"encoder_weights": encoder_weights})

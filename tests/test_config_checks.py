@@ -83,10 +83,10 @@ def test_every_shipped_experiment_passes(compose_app, experiment):
         (["trainer.max_epochs=0"], "trainer.max_epochs=0: must be an integer >= 1"),
         (["data.foreground_fraction=1.5"], "data.foreground_fraction=1.5: must be a number in [0, 1] or null"),
         (["data.fold=5"], "data.fold=5: must be an integer in [0, 4] (data.n_folds=5)"),
-        (["task.segment.loss=focal"], "task.segment.loss=focal: must be one of ce, dice, dice_ce"),
+        (["task.segment.module.loss=focal"], "task.segment.module.loss=focal: must be one of ce, dice, dice_ce"),
         (["model.encoder_weights=no_such.pth"], "model.encoder_weights=no_such.pth: must be imagenet or an existing file or null"),
         (["data.percentiles=[99,1]"], "data.percentiles=[99, 1]: must be [low, high] with low < high"),
-        (["task.segment.class_weights=[1,1]"], "task.segment.class_weights=[1, 1]: must be a list of 4 numbers"),
+        (["task.segment.module.class_weights=[1,1]"], "task.segment.module.class_weights=[1, 1]: must be a list of 4 numbers"),
         (["data.val_fraction=1.0"], "data.val_fraction=1.0: must be a number in [0, 1)"),
         (["model=fc_densenet56", "data.crop_size=[16,64]"], "at least [32, 32] for model fc_densenet56"),
         (["model.block_config=[0]"], "model=dense_unet: cannot be built: DenseNet block_config"),
@@ -95,7 +95,7 @@ def test_every_shipped_experiment_passes(compose_app, experiment):
         (["ckpt_path=no_such.ckpt"], "ckpt_path=no_such.ckpt: must be last, null or an existing checkpoint file"),
         (["data.structures=[LV,LV]"], "data.structures=['LV', 'LV']: must be a list of distinct structure names"),
         (["data.label_mapping={1: -3}"], "data.label_mapping={1: -3}: must be a mapping of label values"),
-        (["data.structures=[LV]", "task.segment.class_weights=[1,1,1,1]"], "must be a list of 2 numbers"),
+        (["data.structures=[LV]", "task.segment.module.class_weights=[1,1,1,1]"], "must be a list of 2 numbers"),
     ],
 )
 def test_training_options_checked_in_process(compose_app, overrides, message):

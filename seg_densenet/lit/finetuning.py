@@ -1,5 +1,6 @@
 """Fine-tuning a pretrained encoder: Lightning's finetuning callback, set from the segmentation task's
-options (``task.segment.freeze_encoder_epochs``, ``task.segment.freeze_encoder_bn``).
+options (``task.segment.module.freeze_encoder_epochs``,
+``task.segment.module.freeze_encoder_bn``).
 
 The encoder's parameters stay in the optimiser from the start (with ``encoder_lr_mult`` as their own
 group, :meth:`~seg_densenet.lit.segmentation.SegmentationModule.parameter_groups`); freezing only turns

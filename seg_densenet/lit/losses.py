@@ -46,7 +46,7 @@ def build_loss(name: str, class_weights: list[float] | None = None) -> nn.Module
         return DiceCELoss(class_weights, ce_weight=0.0, dice_weight=1.0)
     if name == "dice_ce":
         return DiceCELoss(class_weights)
-    raise ConfigError(f"task.segment.loss: unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+    raise ConfigError(f"task.segment.module.loss: unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
 
 
 def deep_supervision_loss(loss_fn: nn.Module, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
