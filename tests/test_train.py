@@ -381,3 +381,17 @@ def test_classify_stage_pretrains_the_encoder_or_refuses_a_model_without_one(com
     cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=classify", "model=fc_densenet56"])
     with pytest.raises(ConfigError, match="model=fc_densenet56: the classify stage needs a DenseNet classifier"):
         train(cfg)
+
+
+def test_ema_weights_are_what_the_checkpoint_and_prediction_use(compose_cfg, tmp_path, synthetic_root):
+    from seg_densenet.checkpoint import load_model
+
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "callbacks=ema", "test=false",
+                       "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    key = next(k for k in last["state_dict"] if k.endswith("conv0.weight"))
+    # the averaged weights are the model's; the raw ones are kept beside them to resume
+    assert not torch.equal(last["state_dict"][key], last["current_model_state"][key])
+    model, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert torch.equal(model.state_dict()[key.removeprefix("model.")], last["state_dict"][key])
