@@ -3,6 +3,14 @@
 Reads each job's ``summary.json`` and ``.hydra/overrides.yaml`` under a sweep folder and writes
 ``sweep.csv`` (a row per job: job, overrides, metrics), ``sweep.md`` (jobs ranked by the optimised
 metric) and ``sweep.png`` (the metric against each swept parameter).
+
+``--x PARAM --group PARAM --out FILE.png`` instead draws the metric against one parameter with a line
+per value of another, over the jobs of one or more sweep folders, and writes the same numbers as a
+Markdown table beside the plot (``FILE.md``), e.g. test Dice against the number of labelled patients,
+one line per task::
+
+    python -m seg_densenet.sweep_report outputs/scarce_n5 outputs/scarce_n3_n10 --metric test/dice \
+        --x data.labelled_patients --group task --out docs/figures/label_scarce.png
 """
 
 from __future__ import annotations
@@ -100,6 +108,44 @@ def _plot(path: Path, jobs: list[dict], params: list[str], metric: str) -> None:
     plt.close(fig)
 
 
+def write_lines(sweep_dirs: list[str | Path], metric: str, x: str, group: str, out: str | Path) -> Path:
+    """``out`` (PNG): ``metric`` against parameter ``x``, one line per value of parameter ``group``,
+    over the finished jobs of ``sweep_dirs``; ``out`` with suffix ``.md``: the same as a table."""
+    jobs = [j for d in sweep_dirs for j in collect_jobs(Path(d))]
+    table: dict[str, dict[float, float]] = {}
+    for j in jobs:
+        if x in j["params"] and group in j["params"] and metric in j["metrics"]:
+            table.setdefault(j["params"][group], {})[float(j["params"][x])] = float(j["metrics"][metric])
+    if not table:
+        raise SegDenseNetError(f"no finished job in {', '.join(map(str, sweep_dirs))} sets {x}, {group} and {metric}")
+    xs = sorted({v for line in table.values() for v in line})
+    shown = [f"{v:g}" for v in xs]
+    rows = [f"| `{group}` ↓ `{x}` → | " + " | ".join(shown) + " |", "|" + " --- |" * (len(xs) + 1)]
+    rows += [f"| {name} | " + " | ".join(f"{line[v]:.3f}" if v in line else "-" for v in xs) + " |"
+             for name, line in sorted(table.items())]
+    out = Path(out)
+    atomic_write_text(out.with_suffix(".md"), f"{metric}\n\n" + "\n".join(rows) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, line in sorted(table.items()):
+        points = sorted(line.items())
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{group}={name}")
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.set_xticks(xs, shown)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return out
+
+
 def _job_key(name: str):
     return (0, int(name)) if name.isdigit() else (1, name)
 
@@ -116,10 +162,21 @@ class SweepReportCallback(Callback):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m seg_densenet.sweep_report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", help="a multirun folder (multirun/<date>/<time>)")
+    parser.add_argument("sweep_dir", nargs="+", help="a multirun folder (multirun/<date>/<time>); several with --x")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"metric to rank by (default {DEFAULT_METRIC})")
+    parser.add_argument("--x", help="draw the metric against this parameter (with --group and --out)")
+    parser.add_argument("--group", help="one line per value of this parameter")
+    parser.add_argument("--out", help="the plot (PNG); its table goes beside it as .md")
     args = parser.parse_args(argv)
-    path = run_cli(write_report, args.sweep_dir, args.metric)
+    if args.x or args.group or args.out:
+        if not (args.x and args.group and args.out):
+            parser.error("--x, --group and --out go together")
+        path = run_cli(write_lines, args.sweep_dir, args.metric, args.x, args.group, args.out)
+        print(f"wrote {path}, {path.with_suffix('.md')}")
+        return
+    if len(args.sweep_dir) > 1:
+        parser.error("one sweep folder, or several with --x, --group and --out")
+    path = run_cli(write_report, args.sweep_dir[0], args.metric)
     print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
 
 
