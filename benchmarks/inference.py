@@ -38,8 +38,8 @@ from torch import nn
 from benchmarks.measure import Measurement, interleave, summaries
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import Preprocessor
-from seg_densenet.models import build_model
 from seg_densenet.inference.predictor import Predictor
+from seg_densenet.models import build_model
 
 MODELS = {
     "FC-DenseNet56": "fc_densenet56",
