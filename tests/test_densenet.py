@@ -183,6 +183,15 @@ def _train_step(model, x):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def test_unknown_memory_efficient_mode_is_refused_when_built_or_set():
+    with pytest.raises(ValueError, match="memory_efficient must be"):
+        _small(memory_efficient="recompute")
+    model = _small()
+    with pytest.raises(ValueError, match="memory_efficient must be"):
+        model.memory_efficient = "recompute"
+    assert model.memory_efficient is False
+
+
 @pytest.mark.parametrize("mode", [True, "checkpoint"])
 def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats(mode):
     torch.manual_seed(0)

@@ -30,23 +30,18 @@ class EncoderFinetuning(BaseFinetuning):
             raise ValueError(f"freeze_epochs must be >= 0, got {freeze_epochs}")
         self.freeze_epochs = freeze_epochs
         self.freeze_bn = freeze_bn
-
-    @staticmethod
-    def _encoder(pl_module: pl.LightningModule) -> nn.Module:
-        encoder = getattr(pl_module, "encoder", None)
-        if encoder is None:
-            raise ValueError("encoder fine-tuning options need a model with an `encoder` (dense_unet, smp_unet)")
-        return encoder
+        self._batch_norms: list[nn.Module] = []
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        # SegmentationModule checks at construction that a model given these options has an encoder
+        encoder = pl_module.encoder
+        self._batch_norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if self.freeze_epochs:
-            self.freeze(self._encoder(pl_module), train_bn=False)
-        else:
-            self._encoder(pl_module)
+            self.freeze(encoder, train_bn=False)
 
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if self.freeze_epochs and epoch >= self.freeze_epochs:
-            self.make_trainable(self._encoder(pl_module))
+            self.make_trainable(pl_module.encoder)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the base class also records the optimiser's parameter groups to restore them on resume; this
@@ -57,8 +52,5 @@ class EncoderFinetuning(BaseFinetuning):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         # Lightning puts the whole model back in train mode after validation; set the mode every batch
         frozen = self.freeze_bn or trainer.current_epoch < self.freeze_epochs
-        for module in self._batch_norms(pl_module):
+        for module in self._batch_norms:
             module.train(pl_module.training and not frozen)
-
-    def _batch_norms(self, pl_module: pl.LightningModule) -> list[nn.Module]:
-        return [m for m in self._encoder(pl_module).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg_densenet.errors import ConfigError
-from seg_densenet.models.recompute import checkpoint_with_bn, composite_chain
+from seg_densenet.models.recompute import check_memory_efficient, checkpoint_with_bn, composite_chain
 from seg_densenet.models.shared_storage import dense_block_forward
 
 __all__ = [
@@ -75,7 +75,7 @@ class _DenseLayer(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
-        self.memory_efficient = memory_efficient
+        self.memory_efficient = check_memory_efficient(memory_efficient)
         # In memory-efficient mode the bottleneck output (bn_size * k maps) is also recomputed where that
         # costs no more than the 3x3 conv (C_in * 4k <= 9 * 4k * k MACs per pixel): in the early, wide-map
         # layers it is the largest stored tensor but cheap to rerun; later layers keep it.
@@ -133,7 +133,7 @@ class _Transition(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        self.memory_efficient = memory_efficient
+        self.memory_efficient = check_memory_efficient(memory_efficient)
 
     def forward(self, x: Tensor) -> Tensor:
         return composite_chain([x], [(self.norm, self.relu, self.pool, self.conv)], self.memory_efficient)
@@ -268,6 +268,7 @@ class DenseNet(nn.Module):
 
     @memory_efficient.setter
     def memory_efficient(self, value: bool | str) -> None:
+        check_memory_efficient(value)
         for m in self.modules():
             if isinstance(m, (_DenseLayer, _Transition)):
                 m.memory_efficient = value

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg_densenet.errors import ConfigError
-from seg_densenet.models.recompute import composite_chain
+from seg_densenet.models.recompute import check_memory_efficient, composite_chain
 from seg_densenet.models.shared_storage import dense_block_forward
 
 
@@ -92,7 +92,7 @@ class _DenseLayer(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, padding=1, bias=True)
         self.drop = MCDropout(drop_rate)
-        self.memory_efficient = memory_efficient
+        self.memory_efficient = check_memory_efficient(memory_efficient)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         """(B, C_i, H, W) maps -> (B, growth_rate, H, W)."""

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "CompositeChainFunction",
+    "check_memory_efficient",
     "checkpoint_with_bn",
     "composite_chain",
     "concat",
@@ -51,6 +52,14 @@ PARAMS_PER_STAGE = 4
 CHECKPOINT = "checkpoint"
 """``memory_efficient="checkpoint"``: recompute through ``torch.utils.checkpoint`` instead of
 :class:`CompositeChainFunction` (the fallback, and what autocast uses)."""
+
+
+def check_memory_efficient(memory_efficient: bool | str) -> bool | str:
+    """``memory_efficient`` itself if it is one of :func:`composite_chain`'s modes, else a ValueError (checked
+    once, where a layer is built or its mode set, not on every forward)."""
+    if memory_efficient not in (False, True, CHECKPOINT):
+        raise ValueError(f"memory_efficient must be false, true or {CHECKPOINT!r}, got {memory_efficient!r}")
+    return memory_efficient
 
 
 @contextlib.contextmanager
@@ -266,10 +275,9 @@ def composite_chain(
     dtypes, which autocast does not reach (its convolution backward failed on bf16 activations and fp32
     weights), while the checkpoint reruns the forward under the same autocast state.
     The recomputing paths run only when gradients will be needed; without them nothing is stored
-    anyway and the plain path is cheaper.
+    anyway and the plain path is cheaper. The layers check the mode when they are built
+    (:func:`check_memory_efficient`).
     """
-    if memory_efficient not in (False, True, CHECKPOINT):
-        raise ValueError(f"memory_efficient must be false, true or {CHECKPOINT!r}, got {memory_efficient!r}")
     params = [t for norm, _, _, conv in stages for t in (norm.weight, norm.bias, conv.weight, conv.bias)]
     needs_grad = any(t is not None and t.requires_grad for t in (*inputs, *params))
     if not (memory_efficient and torch.is_grad_enabled() and needs_grad):
