@@ -397,8 +397,14 @@ def _check_input_size(cfg: DictConfig) -> None:
     minimum = model_min_size(cfg)
     for key, value in sizes:
         if min(value) < minimum:
-            name = _value(cfg, "model.name")
+            name = model_label(_value(cfg, "model"))
             raise bad_option(key, value, f"at least [{minimum}, {minimum}] for model {name} (its smallest input)")
+
+
+def model_label(model_cfg: Mapping[str, Any]) -> str:
+    """How messages name a model config: its ``_target_``'s last part (``DenseUNet``, ``fc_densenet56``),
+    or the ``name`` of a ``build_model`` config (checkpoints written before the configs named classes)."""
+    return str(model_cfg.get("name") or str(model_cfg.get("_target_", "?")).rsplit(".", 1)[-1])
 
 
 def model_min_size(cfg: DictConfig) -> int:
@@ -423,6 +429,6 @@ def model_min_size(cfg: DictConfig) -> int:
         from seg_densenet.utils.cli import user_error
 
         cause = user_error(exc) or exc
-        raise ConfigError(f"model={model_cfg.get('name', model_cfg['_target_'])}: cannot be built: "
+        raise ConfigError(f"model {model_label(model_cfg)}: cannot be built: "
                           f"{' '.join(str(cause).split())}") from exc
     return int(getattr(net, "min_size", 1))

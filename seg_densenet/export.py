@@ -27,19 +27,20 @@ from omegaconf import DictConfig
 from seg_densenet import config as _config  # noqa: F401
 from seg_densenet.checkpoint import load_model
 from seg_densenet.errors import ConfigError, SegDenseNetError
+from seg_densenet.models.smp_unet import PaddedUnet
 from seg_densenet.utils.atomic import atomic_path
 from seg_densenet.utils.cli import check_overrides, run_cli
 
 FORMATS = ("onnx",)
 
 
-def check_sizes(image_size: tuple[int, int], dynamic_size: bool, model_name: str | None) -> list[tuple[int, ...]]:
+def check_sizes(image_size: tuple[int, int], dynamic_size: bool, model: torch.nn.Module) -> list[tuple[int, ...]]:
     """Shapes ``(B, H, W)`` the exported graph is checked on: other batch sizes, and with a dynamic image
     size also a larger and a smaller, odd-sized image (multiples of 32 for smp's Unet)."""
     height, width = image_size
     shapes = [(3, height, width)]
     if dynamic_size:
-        if model_name == "smp_unet":
+        if isinstance(model, PaddedUnet):
             shapes += [(1, height + 32, width + 64), (2, max(height - 32, 32), max(width - 32, 32))]
         else:
             shapes += [(1, height + 24, width + 40), (2, max(height - 13, 32), max(width - 7, 32))]
@@ -83,7 +84,7 @@ def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, image_
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         diff = 0.0
         generator = torch.Generator().manual_seed(0)
-        for batch, h, w in check_sizes((height, width), dynamic_size, record["model"].get("name")):
+        for batch, h, w in check_sizes((height, width), dynamic_size, model):
             x = torch.randn(batch, in_channels, h, w, generator=generator)
             with torch.inference_mode():
                 expected = model(x).numpy()

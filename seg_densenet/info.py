@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from seg_densenet.checkpoint import read_checkpoint
+from seg_densenet.config_checks import model_label
 from seg_densenet.utils.cli import check_overrides, run_cli
 
 NOT_RECORDED = "not recorded in this checkpoint"
@@ -39,7 +40,7 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
     rows = [
         ("checkpoint", f"{path} ({path.stat().st_size / 1e6:.1f} MB)"),
         ("task", str(record.get("task", NOT_RECORDED))),
-        ("architecture", f"{model.get('name', model.get('_target_'))}: {arch}"),
+        ("architecture", f"{model_label(model)}: {arch}"),
         ("parameters", f"{n_params:,}"),
         ("data", _data(data)),
         ("labels", ", ".join(f"{i} {name}" for i, name in enumerate(record.get("class_names") or [])) or NOT_RECORDED),

@@ -6,10 +6,12 @@ wrapper that returns the metric named by ``optimized_metric`` so that any sweepe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.repo_root:} resolver)
 from seg_densenet.checkpoint import safe_torch_load
-from seg_densenet.config_checks import validate
+from seg_densenet.config_checks import model_label, validate
 from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.models.dense_unet import ENCODER_ARCHITECTURE
 from seg_densenet.models.densenet import DenseNet
@@ -57,14 +59,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if cfg.get("seed") is not None:
                 # seeded per stage, so a stage gives the same result whether or not an earlier one ran
                 pl.seed_everything(cfg.seed, workers=True)
-            if stage == "classify":
-                record = _run_classification(cfg, stage_dir)
-            elif stage == "segment":
-                record = _run_segmentation(cfg, stage_dir, encoder_weights)
-            else:
-                raise ConfigError(f"task.stages: unknown stage {stage!r}; valid stages: classify, segment")
+            record = _stage(stage).run(cfg, stage_dir, encoder_weights)
         results[stage] = record
-        if stage == "classify":
+        if _stage(stage).pretrains_encoder:
             encoder_weights = record["best_checkpoint"]
     final = results[stages[-1]]
     summary = {
@@ -83,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 # -- stages ---------------------------------------------------------------------------------------
-def _run_classification(cfg: DictConfig, stage_dir: Path) -> dict:
+def _run_classification(cfg: DictConfig, stage_dir: Path, encoder_weights: str | None = None) -> dict:
     stage_cfg = cfg.task.classify
     datamodule = _classification_datamodule(cfg, stage_cfg)
     datamodule.setup("fit")
@@ -91,7 +88,7 @@ def _run_classification(cfg: DictConfig, stage_dir: Path) -> dict:
     net = instantiate(model_cfg, num_classes=datamodule.num_classes)
     if not isinstance(net, DenseNet):
         raise ConfigError(
-            f"model={cfg.model.get('name', cfg.model.get('_target_'))}: the classify stage needs a DenseNet "
+            f"model {model_label(cfg.model)}: the classify stage needs a DenseNet "
             "classifier (densenet121, ...) or a model with a DenseNet encoder (model.encoder) to pretrain"
         )
     record = {"task": "classify", "model": _container(model_cfg) | {"num_classes": datamodule.num_classes},
@@ -110,7 +107,7 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
     overrides = {}
     if encoder_weights is not None:
         if "encoder_weights" not in model_cfg:
-            raise ConfigError(f"model {model_cfg.get('name')!r} has no encoder to receive the stage-1 weights")
+            raise ConfigError(f"model {model_label(model_cfg)} has no encoder to receive the stage-1 weights")
         overrides["encoder_weights"] = encoder_weights
         log.info("encoder starts from the stage-1 classifier %s", encoder_weights)
     net = instantiate(model_cfg, **overrides)
@@ -217,7 +214,8 @@ def _classification_datamodule(cfg: DictConfig, stage_cfg: DictConfig):
 def _scheduler_kwargs(cfg: DictConfig) -> dict[str, Any]:
     sched = cfg.get("scheduler") or {}
     factory = instantiate(sched.get("scheduler")) if sched.get("scheduler") else None
-    return {"scheduler": factory, "scheduler_interval": sched.get("interval", "epoch")}
+    return {"scheduler": factory, "scheduler_interval": sched.get("interval", "epoch"),
+            "scheduler_total_steps": bool(sched.get("pass_total_steps", False))}
 
 
 def _resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
@@ -235,6 +233,27 @@ def _resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
 def _finished_stage(stage_dir: Path) -> dict | None:
     path = stage_dir / STAGE_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage of ``task.stages``: how it runs, and whether its best checkpoint is the encoder the stages
+    after it start from (stage 1 of the pipeline)."""
+
+    run: Callable[[DictConfig, Path, str | None], dict]
+    pretrains_encoder: bool = False
+
+
+STAGES = {
+    "classify": Stage(_run_classification, pretrains_encoder=True),
+    "segment": Stage(_run_segmentation),
+}
+
+
+def _stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ConfigError(f"task.stages: unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+    return STAGES[name]
 
 
 def _run_dir(cfg: DictConfig) -> Path:

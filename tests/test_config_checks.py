@@ -20,7 +20,7 @@ TRAIN = ["-m", "seg_densenet.train", "experiment=synthetic_quick"]
 BAD_OPTIONS = [
     (TRAIN + ["data.batch_size=0"], "data.batch_size=0", "integer >= 1"),
     (TRAIN + ["optim.lr=-1"], "optim.lr=-1", "number > 0"),
-    (TRAIN + ["data.crop_size=[16,16]"], "data.crop_size=[16, 16]", "at least [32, 32] for model dense_unet"),
+    (TRAIN + ["data.crop_size=[16,16]"], "data.crop_size=[16, 16]", "at least [32, 32] for model DenseUNet"),
     (TRAIN + ["model.num_classes=3"], "model.num_classes=3", "data.num_classes=4"),
     (TRAIN + ["data.augmentation.transforms.0.p=2"], "data.augmentation.transforms.0.p=2", "probability"),
     (["-m", "seg_densenet.predict", "ckpt=no_such.ckpt", "input=.", "output={tmp}/out"], "ckpt=no_such.ckpt",
@@ -89,7 +89,7 @@ def test_every_shipped_experiment_passes(compose_app, experiment):
         (["task.segment.module.class_weights=[1,1]"], "task.segment.module.class_weights=[1, 1]: must be a list of 4 numbers"),
         (["data.val_fraction=1.0"], "data.val_fraction=1.0: must be a number in [0, 1)"),
         (["model=fc_densenet56", "data.crop_size=[16,64]"], "at least [32, 32] for model fc_densenet56"),
-        (["model.block_config=[0]"], "model=dense_unet: cannot be built: DenseNet block_config"),
+        (["model.block_config=[0]"], "model DenseUNet: cannot be built: DenseNet block_config"),
         (["data.target_spacing=[0,1.5]"], "data.target_spacing=[0, 1.5]: must be a pair [a, b] of numbers > 0"),
         (["trainer.precision=8"], "trainer.precision=8: must be one of"),
         (["ckpt_path=no_such.ckpt"], "ckpt_path=no_such.ckpt: must be last, null or an existing checkpoint file"),

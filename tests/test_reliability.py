@@ -118,9 +118,9 @@ def test_config_typo(tmp_path, dataset):
     _assert_one_line_error(_train(tmp_path, dataset, "trainer.max_epoch=3"), "max_epoch")
 
 
-def test_unknown_model_name_lists_valid_names(tmp_path, dataset):
-    line = _assert_one_line_error(_train(tmp_path, dataset, "model.name=densenet999"), "densenet999")
-    for name in ("fc_densenet56", "dense_unet", "smp_unet"):
+def test_unknown_encoder_name_lists_valid_names(tmp_path, dataset):
+    line = _assert_one_line_error(_train(tmp_path, dataset, "model.encoder=densenet999"), "densenet999")
+    for name in ("densenet121", "densenet169", "densenet201", "densenet161"):
         assert name in line
 
 

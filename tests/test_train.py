@@ -43,7 +43,7 @@ def test_help_lists_groups_and_cfg_job_prints_config():
     result = run_cli(["-m", "seg_densenet.train", "--cfg", "job", "model=fc_densenet56"])
     assert result.returncode == 0, result.stderr
     cfg = OmegaConf.create(result.stdout)
-    assert cfg.model.name == "fc_densenet56" and cfg.task.name == "pipeline"
+    assert cfg.model._target_.endswith(".fc_densenet56") and cfg.task.name == "pipeline"
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -379,7 +379,7 @@ def test_classify_stage_pretrains_the_encoder_or_refuses_a_model_without_one(com
     classifier = instantiate(classifier_config(unet), num_classes=5)
     assert classifier.features.denseblock1.denselayer1.conv2.out_channels == 8  # the encoder's architecture
     cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=classify", "model=fc_densenet56"])
-    with pytest.raises(ConfigError, match="model=fc_densenet56: the classify stage needs a DenseNet classifier"):
+    with pytest.raises(ConfigError, match="model fc_densenet56: the classify stage needs a DenseNet classifier"):
         train(cfg)
 
 

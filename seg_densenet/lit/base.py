@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -23,6 +22,10 @@ class NonFiniteLossError(SegDenseNetError):
 class BaseModule(pl.LightningModule):
     """A LightningModule around ``model`` with config-built optimiser and schedule.
 
+    ``scheduler`` is called with the optimiser, and with ``total_steps`` (the run's optimiser steps, from
+    Lightning's estimate) when ``scheduler_total_steps`` is set: the scheduler config's
+    ``pass_total_steps`` (``conf/scheduler/warmup_cosine.yaml``).
+
     ``record`` (plain dicts and strings) is stored in every checkpoint under ``"seg_densenet"`` so that
     prediction can rebuild the network and its preprocessing from the checkpoint alone, and loading
     stays possible with ``torch.load(weights_only=True)``.
@@ -36,6 +39,7 @@ class BaseModule(pl.LightningModule):
         scheduler_interval: str = "step",
         record: dict | None = None,
         channels_last: bool = False,
+        scheduler_total_steps: bool = False,
     ):
         super().__init__()
         # NHWC layout for the network and its 4-D inputs (the fast path of docs/benchmarks.md)
@@ -44,6 +48,7 @@ class BaseModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        self.scheduler_total_steps = scheduler_total_steps
         self.record = record or {}
         self.val_best = MaxMetric()  # the best value so far of the monitored validation metric (log_best)
 
@@ -67,7 +72,7 @@ class BaseModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}
-        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+        if self.scheduler_total_steps:  # the scheduler config's pass_total_steps: a schedule over the whole run
             steps = self.trainer.estimated_stepping_batches
             kwargs["total_steps"] = int(steps) if math.isfinite(steps) else 1000
         scheduler = self.scheduler_factory(optimizer, **kwargs)

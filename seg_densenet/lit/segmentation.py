@@ -35,8 +35,9 @@ class SegmentationModule(BaseModule):
     def __init__(self, model: nn.Module, optimizer, scheduler=None, scheduler_interval="step", record=None,
                  loss: str = "dice_ce", class_weights: list[float] | None = None, hd95_every_n_epochs: int = 5,
                  freeze_encoder_epochs: int = 0, encoder_lr_mult: float = 1.0, freeze_encoder_bn: bool = False,
-                 inference_batch_size: int = 16, channels_last: bool = False, labels: dict[str, int] | None = None):
-        super().__init__(model, optimizer, scheduler, scheduler_interval, record, channels_last)
+                 inference_batch_size: int = 16, channels_last: bool = False, labels: dict[str, int] | None = None,
+                 scheduler_total_steps: bool = False):
+        super().__init__(model, optimizer, scheduler, scheduler_interval, record, channels_last, scheduler_total_steps)
         self.label_set = LabelSet.from_config(labels)
         self.structures = self.label_set.metric_names
         self.loss_fn = build_loss(loss, class_weights)
