@@ -177,17 +177,35 @@ def _labels_and_mapping(cfg: DictConfig) -> tuple[dict[str, int], dict[int, int]
 
 
 def _link_cases(root: Path, patients: set[str], dest: Path) -> Path:
-    """``dest/<patient>`` links to ``root/<patient>`` for each patient (the folder made afresh)."""
-    missing = sorted(p for p in patients if not (root / p).is_dir())
+    """``dest/<patient>`` links to ``root/<patient>`` for each patient (the folder made afresh); for an
+    nnU-Net raw dataset (``root/dataset.json``), ``dest`` is a dataset of its own holding links to the
+    patients' ``imagesTr`` and ``labelsTr`` files."""
+    nnunet = (root / "dataset.json").is_file()
+    if nnunet:
+        from seg_densenet.data.nnunet import NnUNetLayout
+
+        layout = NnUNetLayout()
+        found = {case: (image, label) for case, image, label in layout.pairs(root)}
+    else:
+        found = {p: (root / p,) for p in patients if (root / p).is_dir()}
+    missing = sorted(p for p in patients if p not in found)
     if missing:
-        raise DataError(f"{root}: no case folder for the split's patient(s) {', '.join(missing[:5])}")
+        what = "label map" if nnunet else "case folder"
+        raise DataError(f"{root}: no {what} for the split's patient(s) {', '.join(missing[:5])}")
     if dest.is_dir():
-        if any(not p.is_symlink() for p in dest.iterdir()):
+        if any(p.is_file() and not p.is_symlink() for p in dest.rglob("*")):  # rglob does not enter links
             raise DataError(f"{dest}: exists and holds more than case links; choose another output=")
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    if not nnunet:
+        for patient in sorted(patients):
+            (dest / patient).symlink_to(found[patient][0].resolve(), target_is_directory=True)
+        return dest
+    (dest / "dataset.json").symlink_to((root / "dataset.json").resolve())
     for patient in sorted(patients):
-        (dest / patient).symlink_to((root / patient).resolve(), target_is_directory=True)
+        for path, folder in zip(found[patient], (layout.images, layout.labels)):
+            (dest / folder).mkdir(exist_ok=True)
+            (dest / folder / path.name).symlink_to(path.resolve())
     return dest
 
 

@@ -103,3 +103,12 @@ def test_data_nnunet_trains_predicts_and_evaluates_with_the_classes_of_dataset_j
     assert set(np.unique(np.asarray(nib.load(written[0]).dataobj)).tolist()) <= {0, 1, 2}
     assert list(summary["per_structure"]) == ["LV", "MYO"] and list(summary["per_structure"]["LV"]) == ["all"]
     assert 0.0 <= summary["per_structure"]["LV"]["all"]["dice"] <= 1.0
+    # split= subset=: the run's held-out cases only, linked into a dataset of their own
+    held_out = json.loads((Path(cfg.paths.output_dir) / "split.json").read_text())["val"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        eval_cfg = compose(config_name="evaluate", overrides=[
+            f"ckpt={ckpt}", f"input={root}", f"output={tmp_path / 'val_report'}", "plots=false",
+            "predict_options.tta=false", f"split={Path(cfg.paths.output_dir) / 'split.json'}", "subset=val"])
+    evaluate(eval_cfg)
+    written = sorted((tmp_path / "val_report" / "predictions").glob("*_pred.nii.gz"))
+    assert [p.name for p in written] == [f"{case}_0000_pred.nii.gz" for case in sorted(held_out)]
