@@ -203,7 +203,7 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
     for line in result.stdout.splitlines():
         field, _, text = line.partition("  ")
         info[field.strip()] = text.strip()
-    assert info["task"] == "segment" and info["architecture"].startswith("dense_unet: ")
+    assert info["task"] == "segment" and info["architecture"].startswith("DenseUNet: encoder densenet121, ")
     assert int(info["parameters"].replace(",", "")) > 10_000
     assert info["labels"] == "0 background, 1 RV, 2 MYO, 3 LV"
     assert "crop 64x64" in info["training grid"] and "[3.0, 3.0] mm" in info["training grid"]
