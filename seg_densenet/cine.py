@@ -20,7 +20,7 @@ import numpy as np
 from seg_densenet.data.nifti import Volume
 from seg_densenet.errors import ConfigError
 from seg_densenet.evaluation.clinical import indices_from_volumes, structure_volumes_ml
-from seg_densenet.utils.atomic import atomic_path, atomic_write_text
+from seg_densenet.utils.atomic import atomic_write_text
 
 
 def frame(volume: Volume, t: int) -> Volume:
@@ -76,13 +76,11 @@ def write_cycle_reports(stem_path: Path, curves: dict[str, np.ndarray], summary:
 
 
 def _plot(path: Path, curves: dict[str, np.ndarray], summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from seg_densenet.utils.figures import new_figure, save_png
 
     frames = np.arange(1, summary["frames"] + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = new_figure(6, 3.5)
+    ax = fig.add_subplot()
     for name, colour in (("LV", "tab:red"), ("RV", "tab:blue")):
         if name in curves:
             ax.plot(frames, curves[name], marker="o", ms=3, color=colour, label=f"{name} cavity")
@@ -93,7 +91,4 @@ def _plot(path: Path, curves: dict[str, np.ndarray], summary: dict) -> None:
     ax.set_title(", ".join(f"{name}EF {summary[f'{name}_EF_pct']:.1f} %" for name in ("LV", "RV")
                            if f"{name}_EF_pct" in summary))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from seg_densenet.errors import SegDenseNetError
-from seg_densenet.utils.atomic import atomic_path, atomic_write_text
+from seg_densenet.utils.atomic import atomic_write_text
 from seg_densenet.utils.cli import run_cli
 
 DEFAULT_METRIC = "val/dice_best"
@@ -82,13 +82,11 @@ def write_report(sweep_dir: str | Path, metric: str = DEFAULT_METRIC) -> Path:
 
 
 def _plot(path: Path, jobs: list[dict], params: list[str], metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from seg_densenet.utils.figures import new_figure, save_png
 
     n = max(len(params), 1)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    fig = new_figure(4 * n, 3.2)
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, param in zip(axes[0], params or ["job"]):
         xs = [j["params"].get(param, j["job"]) for j in jobs]
         ys = [float(j["metrics"].get(metric, float("nan"))) for j in jobs]
@@ -102,10 +100,7 @@ def _plot(path: Path, jobs: list[dict], params: list[str], metric: str) -> None:
         ax.set_xlabel(param)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_lines(sweep_dirs: list[str | Path], metric: str, x: str, group: str, out: str | Path) -> Path:
@@ -125,12 +120,10 @@ def write_lines(sweep_dirs: list[str | Path], metric: str, x: str, group: str, o
              for name, line in sorted(table.items())]
     out = Path(out)
     atomic_write_text(out.with_suffix(".md"), f"{metric}\n\n" + "\n".join(rows) + "\n")
-    import matplotlib
+    from seg_densenet.utils.figures import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = new_figure(5, 3.4)
+    ax = fig.add_subplot()
     for name, line in sorted(table.items()):
         points = sorted(line.items())
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{group}={name}")
@@ -139,10 +132,7 @@ def write_lines(sweep_dirs: list[str | Path], metric: str, x: str, group: str, o
     ax.set_xticks(xs, shown)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, out)
     return out
 
 

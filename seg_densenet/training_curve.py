@@ -13,7 +13,7 @@ import csv
 from pathlib import Path
 
 from seg_densenet.errors import SegDenseNetError
-from seg_densenet.utils.atomic import atomic_path, atomic_write_text
+from seg_densenet.utils.atomic import atomic_write_text
 from seg_densenet.utils.cli import run_cli
 
 BUDGETS_MIN = (10, 30, 60, 120)
@@ -42,17 +42,15 @@ def best_within(points: list[tuple[float, float]], minutes: float) -> float | No
 
 def write_curve(runs: list[str], out: str | Path, labels: list[str] | None = None) -> Path:
     """Plot the runs' curves into ``out`` (PNG) and write ``out`` with ``.md``: the budget table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from seg_densenet.utils.figures import new_figure, save_png
 
     labels = labels or [Path(r).name for r in runs]
     if len(labels) != len(runs):
         raise SegDenseNetError(f"--labels: {len(labels)} labels for {len(runs)} runs")
     curves = [read_curve(r) for r in runs]
     out = Path(out)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(6, 4)
+    ax = fig.add_subplot()
     for label, points in zip(labels, curves):
         ax.plot([t for t, _ in points], [d for _, d in points], marker=".", label=label)
     for minutes in BUDGETS_MIN:
@@ -61,10 +59,7 @@ def write_curve(runs: list[str], out: str | Path, labels: list[str] | None = Non
     ax.set_ylabel("validation mean Dice (RV, MYO, LV)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, out, dpi=120)
     header = "| run | " + " | ".join(f"best val Dice by {m} min" for m in BUDGETS_MIN) + " | last point |"
     lines = [header, "|" + " --- |" * (len(BUDGETS_MIN) + 2)]
     for label, points in zip(labels, curves):

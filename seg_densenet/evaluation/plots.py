@@ -1,7 +1,6 @@
 """PNG figures of an evaluation: Dice box plots, Bland-Altman plots and contour overlays.
 
-Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas, never through pyplot, so
-no display and no global figure state are involved; every file is written atomically.
+Figures are built with :mod:`seg_densenet.utils.figures` (the Agg canvas, never pyplot; atomic writes).
 """
 
 from __future__ import annotations
@@ -11,18 +10,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from seg_densenet.data.labels import report_phases
-from seg_densenet.utils.atomic import atomic_path
+from seg_densenet.utils.figures import new_figure, save_png
 
 
 def dice_boxplot(metric_rows: Sequence[dict], structures: Sequence[str], path: Path) -> None:
     """Box plot of the per-frame Dice of every structure at ED and ES."""
     phases = report_phases(r["phase"] for r in metric_rows)
-    fig = _figure(1.6 * len(structures) * len(phases) + 1.5, 4.0)
+    fig = new_figure(1.6 * len(structures) * len(phases) + 1.5, 4.0)
     ax = fig.add_subplot()
     data, names = [], []
     for s in structures:
@@ -35,7 +33,7 @@ def dice_boxplot(metric_rows: Sequence[dict], structures: Sequence[str], path: P
     ax.set_ylim(-0.02, 1.02)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("Dice per structure and phase")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def bland_altman(pred: Sequence[float], gt: Sequence[float], name: str, unit: str, path: Path) -> None:
@@ -44,7 +42,7 @@ def bland_altman(pred: Sequence[float], gt: Sequence[float], name: str, unit: st
     keep = np.isfinite(pred_arr) & np.isfinite(gt_arr)
     pred_arr, gt_arr = pred_arr[keep], gt_arr[keep]
     mean, diff = (pred_arr + gt_arr) / 2.0, pred_arr - gt_arr
-    fig = _figure(5.0, 4.0)
+    fig = new_figure(5.0, 4.0)
     ax = fig.add_subplot()
     ax.scatter(mean, diff, s=16, alpha=0.8)
     if diff.size:
@@ -58,7 +56,7 @@ def bland_altman(pred: Sequence[float], gt: Sequence[float], name: str, unit: st
     ax.set_ylabel(f"prediction - ground truth ({unit})")
     ax.set_title(f"Bland-Altman: {name} (n={diff.size})")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 STRUCTURE_COLOURS = {"RV": "#1f77ff", "MYO": "#2ca02c", "LV": "#ff2020"}
@@ -88,7 +86,7 @@ def overlay_montage(
     the middle of the ground truth's extent along Z (or of the stack if the ground truth is empty).
     """
     panels = [(image, gt, pred, f"slice {z}", z) for z in _mid_slices(gt, n_slices)]
-    _save(_overlay_figure(panels, labels, title), path)
+    save_png(_overlay_figure(panels, labels, title), path)
 
 
 def overlay_image(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, labels: Mapping[str, int], title: str,
@@ -117,7 +115,7 @@ def _overlay_figure(panels, labels: Mapping[str, int], title: str, panel_size: f
     from matplotlib.patches import Patch
 
     colours = structure_colours(labels)
-    fig = _figure(panel_size * len(panels), panel_size + 0.6)
+    fig = new_figure(panel_size * len(panels), panel_size + 0.6)
     for i, (image, gt, pred, caption, z) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         # transpose: arrays are (X, Y) and imshow draws rows as the vertical axis
@@ -145,14 +143,3 @@ def _mid_slices(gt: np.ndarray, n: int) -> list[int]:
     # quantiles inside the extent, e.g. 25/50/75 % for three slices
     positions = np.linspace(lo, hi, n + 2)[1:-1] if hi > lo else np.full(n, lo)
     return sorted({int(round(p)) for p in positions})[:n] or [int(lo)]
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
