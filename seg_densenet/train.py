@@ -47,9 +47,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.time()
     run_dir = _run_dir(cfg)
     stages = list(cfg.task.stages)
+    plan = [_stage(name) for name in stages]  # every name checked before the first stage trains
     results: dict[str, dict] = {}
     encoder_weights = None
-    for index, stage in enumerate(stages, start=1):
+    for index, (stage, runner) in enumerate(zip(stages, plan), start=1):
         stage_dir = run_dir / f"stage{index}_{stage}" if len(stages) > 1 else run_dir
         record = _finished_stage(stage_dir) if cfg.get("ckpt_path") else None
         if record is not None:
@@ -59,9 +60,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if cfg.get("seed") is not None:
                 # seeded per stage, so a stage gives the same result whether or not an earlier one ran
                 pl.seed_everything(cfg.seed, workers=True)
-            record = _stage(stage).run(cfg, stage_dir, encoder_weights)
+            record = runner.run(cfg, stage_dir, encoder_weights)
         results[stage] = record
-        if _stage(stage).pretrains_encoder:
+        if runner.pretrains_encoder:
             encoder_weights = record["best_checkpoint"]
     final = results[stages[-1]]
     summary = {

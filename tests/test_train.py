@@ -349,9 +349,11 @@ def _logged_epochs(run: Path) -> list[int]:
 def test_unknown_task_stage_is_a_config_error(compose_cfg, tmp_path, synthetic_root):
     from seg_densenet.errors import ConfigError
 
-    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task.stages=[pretrain]"])
-    with pytest.raises(ConfigError, match="unknown stage"):
+    # a bad later stage is reported before the earlier ones spend any time training
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task.stages=[segment,pretrain]"])
+    with pytest.raises(ConfigError, match="unknown stage 'pretrain'"):
         train(cfg)
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("stage1_segment"))
 
 
 def test_repo_root_is_the_checkout():
