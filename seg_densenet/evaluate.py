@@ -177,36 +177,52 @@ def _labels_and_mapping(cfg: DictConfig) -> tuple[dict[str, int], dict[int, int]
 
 
 def _link_cases(root: Path, patients: set[str], dest: Path) -> Path:
-    """``dest/<patient>`` links to ``root/<patient>`` for each patient (the folder made afresh); for an
-    nnU-Net raw dataset (``root/dataset.json``), ``dest`` is a dataset of its own holding links to the
-    patients' ``imagesTr`` and ``labelsTr`` files."""
-    nnunet = (root / "dataset.json").is_file()
-    if nnunet:
-        from seg_densenet.data.nnunet import NnUNetLayout
+    """A folder ``dest`` holding links to the split's ``patients`` of ``root``, in ``root``'s layout."""
+    if (root / "dataset.json").is_file():
+        return _link_nnunet_cases(root, patients, dest)
+    return _link_case_folders(root, patients, dest)
 
-        layout = NnUNetLayout()
-        found = {case: (image, label) for case, image, label in layout.pairs(root)}
-    else:
-        found = {p: (root / p,) for p in patients if (root / p).is_dir()}
-    missing = sorted(p for p in patients if p not in found)
+
+def _link_case_folders(root: Path, patients: set[str], dest: Path) -> Path:
+    """ACDC layout: ``dest/<patient>`` links to the case folder ``root/<patient>``."""
+    _check_found(root, patients, {p for p in patients if (root / p).is_dir()}, "case folder")
+    _fresh_link_dir(dest)
+    for patient in sorted(patients):
+        (dest / patient).symlink_to((root / patient).resolve(), target_is_directory=True)
+    return dest
+
+
+def _link_nnunet_cases(root: Path, patients: set[str], dest: Path) -> Path:
+    """nnU-Net raw dataset: ``dest`` is a dataset of its own (``dataset.json``, ``imagesTr/``,
+    ``labelsTr/``) holding links to the patients' image and label files."""
+    from seg_densenet.data.nnunet import NnUNetLayout
+
+    layout = NnUNetLayout()
+    found = {case: (image, label) for case, image, label in layout.pairs(root)}
+    _check_found(root, patients, set(found), "label map")
+    _fresh_link_dir(dest)
+    (dest / "dataset.json").symlink_to((root / "dataset.json").resolve())
+    for folder in (layout.images, layout.labels):
+        (dest / folder).mkdir()
+    for patient in sorted(patients):
+        for path, folder in zip(found[patient], (layout.images, layout.labels)):
+            (dest / folder / path.name).symlink_to(path.resolve())
+    return dest
+
+
+def _check_found(root: Path, patients: set[str], found: set[str], what: str) -> None:
+    missing = sorted(patients - found)
     if missing:
-        what = "label map" if nnunet else "case folder"
         raise DataError(f"{root}: no {what} for the split's patient(s) {', '.join(missing[:5])}")
+
+
+def _fresh_link_dir(dest: Path) -> None:
+    """Make ``dest`` empty, refusing to delete anything in it but links made by an earlier run."""
     if dest.is_dir():
         if any(p.is_file() and not p.is_symlink() for p in dest.rglob("*")):  # rglob does not enter links
             raise DataError(f"{dest}: exists and holds more than case links; choose another output=")
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    if not nnunet:
-        for patient in sorted(patients):
-            (dest / patient).symlink_to(found[patient][0].resolve(), target_is_directory=True)
-        return dest
-    (dest / "dataset.json").symlink_to((root / "dataset.json").resolve())
-    for patient in sorted(patients):
-        for path, folder in zip(found[patient], (layout.images, layout.labels)):
-            (dest / folder).mkdir(exist_ok=True)
-            (dest / folder / path.name).symlink_to(path.resolve())
-    return dest
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")

@@ -48,6 +48,26 @@ def test_discovery_and_the_classes_of_dataset_json(tmp_path, synthetic_root):
     assert read_dataset_json(root)["structures"] == ["LV", "MYO"]
 
 
+def test_a_split_links_its_cases_into_a_dataset_of_their_own(tmp_path, synthetic_root):
+    from seg_densenet.evaluate import _link_cases
+
+    root = write_nnunet(tmp_path / "Dataset001_Heart", synthetic_root)
+    dest = tmp_path / "out" / "test_cases"
+    chosen = {"patient001_frame01", "patient002_frame01"}
+    for _ in range(2):  # a second run replaces the links of the first
+        assert _link_cases(root, chosen, dest) == dest
+        assert (dest / "dataset.json").resolve() == (root / "dataset.json").resolve()
+        assert sorted(p.name for p in (dest / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in sorted(chosen)]
+        assert sorted(p.name for p in (dest / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in sorted(chosen)]
+        assert all(p.is_symlink() for p in (dest / "labelsTr").iterdir())
+    with pytest.raises(DataError, match="no label map for the split's patient.s. patient999_frame01"):
+        _link_cases(root, {"patient999_frame01"}, tmp_path / "elsewhere")
+    (dest / "imagesTr" / "notes.txt").write_text("mine")  # a real file: the folder is not ours to delete
+    with pytest.raises(DataError, match="holds more than case links"):
+        _link_cases(root, chosen, dest)
+    assert (dest / "imagesTr" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
