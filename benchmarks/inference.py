@@ -233,9 +233,10 @@ def _onnxruntime_model(net: nn.Module, image_size: tuple[int, int]) -> nn.Module
     from seg_densenet.backends import OnnxRuntimeModel
     from seg_densenet.export import write_onnx
 
-    path = Path(tempfile.mkdtemp(prefix="bench-onnx-")) / "model.onnx"
-    write_onnx(net.eval(), path, 1, image_size)
-    return OnnxRuntimeModel(path, min_size=getattr(net, "min_size", 1), threads=torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as folder:  # the session holds the model once built
+        path = Path(folder) / "model.onnx"
+        write_onnx(net.eval(), path, 1, image_size)
+        return OnnxRuntimeModel(path, min_size=getattr(net, "min_size", 1), threads=torch.get_num_threads())
 
 
 def compile_group(plan: InferPlan, device: torch.device, threads: int) -> dict:

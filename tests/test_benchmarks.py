@@ -122,17 +122,19 @@ def test_goal_verdicts_follow_the_ratios_and_only_at_the_goals_setting():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
+    scratch = tmp_path_factory.mktemp("bench_tmp")  # the run's TMPDIR: no exported model may stay there
     command = [sys.executable, "-m", "benchmarks.run", "--suite", "all", "--quick", "--threads", "1"]
     command += ["--out", str(out), "--docs", str(out / "benchmarks.md")]
     proc = subprocess.run(
         command,
         cwd=REPO,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        env=os.environ | {"OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(scratch.glob("bench-onnx-*")), "the benchmark left its ONNX exports behind"
     return out
 
 
