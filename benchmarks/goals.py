@@ -143,9 +143,10 @@ def _fc103_memory(fc: Mapping) -> dict:
 def _volume_goal(volume: Mapping, gid: str, name: str, target: float | None, threads: int | None) -> dict:
     """Whole-volume latency of model ``name`` (fastest layout), against ``target`` seconds if given."""
     text = f"{name} inference of a 10-slice 256x216 volume on 2 CPU cores, no TTA, model loaded" + (
-        f": under {target:.1f} s" if target else " (reported)"
+        f": under {target:g} s" if target else " (reported)"
     )
-    variants = {k: volume.get(f"{name} {k}", {}) for k in ("eager", "channels_last")}
+    variants = {k: volume.get(f"{name} {k}", {}) for k in ("eager", "channels_last", "onnxruntime")}
+    variants = {k: v for k, v in variants.items() if v or k == "eager"}  # onnxruntime: only where it ran
     measured = {k: v for k, v in variants.items() if not _ok(v)}
     if not measured:
         return _missing(gid, text, volume.get(name, {}).get("reason") or _ok(variants["eager"]))
@@ -155,6 +156,49 @@ def _volume_goal(volume: Mapping, gid: str, name: str, target: float | None, thr
     note = f"volume {shape[0]}x{shape[1]}x{shape[2]} (X, Y, slices), {threads} threads"
     off = None if shape == [256, 216, 10] else f"{shape[0]}x{shape[1]}x{shape[2]}"
     return _goal(gid, text, ", ".join(parts), (best < target) if target else None, note, off)
+
+
+def _best(group: Mapping, prefix: str = "") -> tuple[str, dict] | None:
+    """The measured configuration of ``group`` (whose name starts with ``prefix``) with most items/s."""
+    measured = [(n, c) for n, c in group.items() if n.startswith(prefix) and isinstance(c, Mapping) and not _ok(c)]
+    return max(measured, key=lambda nc: nc[1]["items_per_s"]) if measured else None
+
+
+def _ceiling_goal(throughput: Mapping, volume: Mapping, ceiling: Mapping) -> dict:
+    """Every model's best inference configuration at >= 50 % of the fp32 convolution ceiling."""
+    text = "Every model's inference at >= 50% of the machine's fp32 3x3-convolution ceiling (best configuration)"
+    peak = ceiling.get("fp32", {}).get("gflop_per_s")
+    if not peak:
+        return _missing("ceiling_share", text, "no ceiling in the infer suite (measured since the roofline was added)")
+    shares, off = {}, None
+    for name, group in throughput.items():
+        rows = [(n, c) for n, c in group.items() if "bf16" not in n]  # bf16 rows hold against bf16's ceiling
+        rows += [(n, c) for n, c in volume.items() if n.startswith(f"{name} ")]
+        rated = [(c["gflop_per_item"] * c["items_per_s"], n) for n, c in rows
+                 if isinstance(c, Mapping) and not _ok(c) and c.get("gflop_per_item")]
+        if rated:
+            rate, config = max(rated)
+            shares[name] = (100.0 * rate / peak, config)
+        size = group.get("eager", {}).get("size")
+        off = off or (None if size == [224, 224] else f"{'x'.join(map(str, size or []))} slices")
+    if not shares:
+        return _missing("ceiling_share", text, "no model row with a FLOP count")
+    measured = ", ".join(f"{name} {pct:.0f}% ({config})" for name, (pct, config) in shares.items())
+    met = all(pct >= 50.0 for pct, _ in shares.values())
+    return _goal("ceiling_share", text, measured, met, f"fp32 ceiling {peak:.0f} GFLOP/s", off)
+
+
+def _dense_unet_vs_smp_latency(throughput: Mapping) -> dict:
+    """Our DenseUNet's latency per slice at <= 0.5x smp Unet(densenet121)'s, each in its fastest configuration."""
+    text = "DenseUNet inference latency at most 0.5x smp Unet(densenet121)'s, each in its fastest configuration"
+    ours, smp = _best(throughput.get("DenseUNet", {})), _best(throughput.get("smp Unet(densenet121)", {}))
+    if ours is None or smp is None:
+        return _missing("dense_unet_vs_smp_latency", text, "a model's throughput was not measured")
+    ratio = smp[1]["items_per_s"] / ours[1]["items_per_s"]
+    note = f"DenseUNet {ours[0]} against smp {smp[0]}; smp's ONNX Runtime path is not measured"
+    size = ours[1].get("size")
+    off = None if size == [224, 224] else f"{'x'.join(map(str, size or []))} slices"
+    return _goal("dense_unet_vs_smp_latency", text, f"{ratio:.2f}x", ratio <= 0.5, note, off)
 
 
 def _data_vs_training(loaders: Mapping, crop: int | None, fc: Mapping) -> dict:
@@ -179,6 +223,7 @@ def goals(results: Mapping) -> list[dict]:
     seg = _get(results, "suites", "train", "segmentation")
     fc = _get(results, "suites", "train", "fc_densenet")
     volume = _get(results, "suites", "infer", "volume")
+    throughput = _get(results, "suites", "infer", "throughput")
     threads = results.get("threads")
     return [
         _densenet_speed(dn),
@@ -186,7 +231,9 @@ def goals(results: Mapping) -> list[dict]:
         _dense_unet(seg),
         _fc103_memory(fc),
         _volume_goal(volume, "fc56_volume", "FC-DenseNet56", 1.0, threads),
-        _volume_goal(volume, "dense_unet_volume", "DenseUNet", None, threads),
+        _volume_goal(volume, "dense_unet_volume", "DenseUNet", 0.35, threads),
+        _ceiling_goal(throughput, volume, _get(results, "suites", "infer", "ceiling")),
+        _dense_unet_vs_smp_latency(throughput),
         _data_vs_training(
             _get(results, "suites", "data", "loaders"),
             _get(results, "suites", "data", "plan").get("crop"),

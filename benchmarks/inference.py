@@ -34,8 +34,10 @@ import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.measure import Measurement, interleave, summaries
+from benchmarks.roofline import forward_gflop
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.inference.predictor import Predictor
@@ -154,7 +156,10 @@ def throughput_group(name: str, plan: InferPlan, device: torch.device) -> dict:
             )
         return None
 
-    settings = {c: {"batch": plan.batch, "size": [plan.size, plan.size]} for c in calls}
+    gflop = forward_gflop(model, (1, 1, plan.size, plan.size))
+    settings = {
+        c: {"batch": plan.batch, "size": [plan.size, plan.size], "gflop_per_item": _rounded(gflop)} for c in calls
+    }
     settings["bf16 autocast"]["pilot_slowdown"] = round(slowdown, 2)
     results = interleave(
         calls,
@@ -186,7 +191,7 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
     volume = synthetic_volume(plan.volume_shape)
     x_size, y_size, n_slices = plan.volume_shape
     preprocessor = Preprocessor(normalization="zscore", target_spacing=None, crop_size=None)
-    calls, skipped = {}, {}
+    calls, skipped, gflop = {}, {}, {}
     for name in MODELS:
         if name not in plan.volume_models:
             skipped[name] = "volume latency is measured for the models in volume_models (the goals' models)"
@@ -210,8 +215,13 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
                 net = _onnxruntime_model(net, (x_size, y_size))
             predictor = Predictor(net, preprocessor, device=str(device), batch_size=n_slices,
                                   channels_last=variant == "channels_last")
+            if variant == "eager":  # the network's FLOPs at the size the predictor feeds it (padding included)
+                gflop[name] = _predictor_gflop(predictor, volume) / n_slices
             calls[f"{name} {variant}"] = lambda p=predictor: p.predict(volume)
-    settings = {c: {"volume_shape": list(plan.volume_shape), "tta": False} for c in calls}
+    settings = {
+        c: {"volume_shape": list(plan.volume_shape), "tta": False, "gflop_per_item": _rounded(gflop[c.rsplit(" ", 1)[0]])}
+        for c in calls
+    }
     results = summaries(
         interleave(
             calls,
@@ -226,6 +236,17 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
     for name, reason in skipped.items():
         results[name] = {"status": "skipped", "reason": reason, "volume_shape": list(plan.volume_shape)}
     return results
+
+
+def _rounded(gflop: float | None) -> float | None:
+    return round(gflop, 4) if gflop else None
+
+
+def _predictor_gflop(predictor: Predictor, volume: Volume) -> float:
+    """GFLOP of one ``predictor.predict(volume)``, counted on a real call (it pads and batches as it will)."""
+    with FlopCounterMode(display=False) as counter:
+        predictor.predict(volume)
+    return counter.get_total_flops() / 1e9
 
 
 def _onnxruntime_model(net: nn.Module, image_size: tuple[int, int]) -> nn.Module:

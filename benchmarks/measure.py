@@ -276,6 +276,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+# the CPU features that decide which kernels run: vector width, fused multiply-add, int8 and bf16 units
+CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+             "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` the CPU reports in ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info(device: torch.device) -> dict:
     """The machine a run measured: name (the results file stem), CPU, cores, RAM, library versions."""
     import segmentation_models_pytorch as smp
@@ -289,6 +307,7 @@ def machine_info(device: torch.device) -> dict:
     info = {
         "node": platform.node(),
         "cpu": cpu,
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "ram_gb": ram_gb,
         "os": platform.platform(),

@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from benchmarks.goals import fast_paths, goals
-from seg_densenet.utils.atomic import atomic_path, atomic_write_text
+from benchmarks.measure import CPU_FLAGS
+from benchmarks.roofline import place
+from seg_densenet.utils.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -57,16 +59,29 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _group_table(group: Mapping, reference: str | None, unit: str) -> str:
-    """One row per configuration; ratios against ``reference`` (a configuration of the same group)."""
+def _ceiling_for(config_name: str, ceiling: Mapping | None) -> float | None:
+    """The ceiling a row is held against: bf16's for bf16 rows where it was measured, else fp32's."""
+    if not ceiling:
+        return None
+    kind = "bf16" if "bf16" in config_name and ceiling.get("bf16", {}).get("status") == "ok" else "fp32"
+    return ceiling.get(kind, {}).get("gflop_per_s")
+
+
+def _group_table(group: Mapping, reference: str | None, unit: str, ceiling: Mapping | None = None) -> str:
+    """One row per configuration; ratios against ``reference`` (a configuration of the same group); with
+    the suite's ``ceiling`` (:mod:`benchmarks.roofline`), each row's GFLOP/s and share of it."""
     ref = group.get(reference, {}) if reference else {}
     ref_ok = ref.get("status") == "ok"
+    configs = {n: c for n, c in group.items() if isinstance(c, Mapping) and "status" in c}
+    roofline = ceiling is not None and any(c.get("gflop_per_item") for c in configs.values())
     rows = []
-    for name, c in group.items():
-        if not isinstance(c, Mapping) or "status" not in c:
-            continue
+    for name, c in configs.items():
+        flops = []
+        if roofline:
+            placed = place(c.get("gflop_per_item"), c.get("items_per_s"), _ceiling_for(name, ceiling))
+            flops = [c.get("gflop_per_item"), placed["gflop_per_s"], placed["pct_of_ceiling"]]
         if c["status"] != "ok":
-            rows.append([name, "-", "-", "-", "-", "-", "-", "-", f"{c['status']}: {c.get('reason', '')}"])
+            rows.append([name, *["-"] * 7, *flops, f"{c['status']}: {c.get('reason', '')}"])
             continue
         speed = c["items_per_s"] / ref["items_per_s"] if ref_ok else None
         memory = c["peak_gb"] / ref["peak_gb"] if ref_ok else None
@@ -81,6 +96,7 @@ def _group_table(group: Mapping, reference: str | None, unit: str) -> str:
                 speed,
                 memory,
                 calls,
+                *flops,
                 c.get("reason", ""),
             ]
         )
@@ -93,9 +109,39 @@ def _group_table(group: Mapping, reference: str | None, unit: str) -> str:
         "speed ratio",
         "memory ratio",
         "warm-up + measured",
+        *([f"GFLOP per {unit[:-1]}", "GFLOP/s", "% of ceiling"] if roofline else []),
         "note",
     ]
     return _table(header, rows)
+
+
+def _ceiling_section(suites: Mapping) -> list[str]:
+    """Each suite's ceiling, measured before its rows: GFLOP/s of one large 3x3 convolution."""
+    rows = []
+    for name, suite in suites.items():
+        c = suite.get("ceiling")
+        if not c:
+            continue
+        fp32, bf16 = c["fp32"], c.get("bf16", {})
+        layouts = fp32["layouts_gflop_per_s"]
+        shape = f"{fp32['batch']}x{fp32['channels']}x{fp32['size']}x{fp32['size']}, {fp32['channels']} filters"
+        bf16_text = bf16["gflop_per_s"] if bf16.get("status") == "ok" else f"{bf16.get('status')}: {bf16.get('reason', '')}"
+        rows.append([name, shape, layouts.get("NCHW"), layouts.get("NHWC"), fp32["gflop_per_s"], bf16_text])
+    if not rows:
+        return []
+    return [
+        "",
+        "### Roofline",
+        "",
+        "Before its rows, each suite measures the machine's ceiling under the same load: GFLOP/s of a "
+        "large 3x3 convolution (`benchmarks/roofline.py`), fp32 in both layouts (the better is the ceiling) "
+        "and bf16 where the hardware has it. The tables below give each row's FLOPs per item "
+        "(`torch.utils.flop_counter` on the `meta` device; a multiply-add is 2 FLOPs; training: forward and "
+        "backward of the plain network), its GFLOP/s and its share of the ceiling.",
+        "",
+        _table(["suite", "convolution (batch x channels x H x W)", "fp32 NCHW GFLOP/s", "fp32 NHWC GFLOP/s",
+                "fp32 ceiling", "bf16 ceiling"], rows),
+    ]
 
 
 def _scaling_panels(scaling: Mapping) -> list[tuple[str, dict, str]]:
@@ -161,21 +207,16 @@ def scaling_plot(results: Mapping, path: Path) -> Path | None:
     scaling = results.get("suites", {}).get("scaling")
     if not scaling:
         return None
-    import matplotlib
+    from seg_densenet.utils.figures import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    fig = new_figure(13, 7.5)
+    axes = fig.subplots(2, 3)
     for col, (title, configs, key) in enumerate(_scaling_panels(scaling)):
         _plot_panel(axes[0, col], axes[1, col], title, configs, key)
     fig.suptitle(
         f"Training-step memory and time, plain against memory-efficient ({results['machine']['name']})"
     )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_png(fig, path, dpi=90)
     return path
 
 
@@ -190,6 +231,9 @@ def _run_facts(results: Mapping, metas: Mapping[str, Mapping]) -> list[str]:
     machine = f"{m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM"
     if m.get("gpu"):
         machine += f"; GPU {m['gpu']} (CUDA {m.get('cuda')})"
+    if "cpu_flags" in m:
+        machine += f"; CPU flags: {', '.join(m['cpu_flags']) or 'none of those listed'}"
+        machine += f" (of {', '.join(CPU_FLAGS)})"
     out.append(f"- Machine: {machine}; node `{m['node']}`; {m['os']}")
     out.append(
         f"- Software: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, smp {m['smp']}"
@@ -265,7 +309,8 @@ def _training_section(t: Mapping) -> list[str]:
         f"{plan['size']}x{plan['size']}, 3 channels, 1000 classes, same weights; segmentation: 1 channel, 4 classes."
     )
     for title, group, reference in TRAINING_GROUPS:
-        out += ["", f"{title} (ratios against {reference}):", "", _group_table(t[group], reference, "images")]
+        out += ["", f"{title} (ratios against {reference}):", "",
+                _group_table(t[group], reference, "images", t.get("ceiling"))]
     return out
 
 
@@ -299,14 +344,14 @@ def _inference_section(i: Mapping) -> list[str]:
         f"{plan['size']}x{plan['size']}; ratios against fp32 eager. CPU has native bf16: {i.get('cpu_native_bf16', '-')}."
     )
     for name, group in i["throughput"].items():
-        out += ["", f"{name}:", "", _group_table(group, "eager", "slices")]
+        out += ["", f"{name}:", "", _group_table(group, "eager", "slices", i.get("ceiling"))]
     shape = plan["volume_shape"]
     out += [
         "",
         f"Whole volume ({shape[0]}x{shape[1]} in-plane, {shape[2]} slices) through `Predictor.predict` "
         "(preprocessing, network, inverse mapping; no TTA; model loading excluded):",
         "",
-        _group_table(i["volume"], None, "slices"),
+        _group_table(i["volume"], None, "slices", i.get("ceiling")),
     ]
     out += ["", "`torch.compile` (child process, time-boxed; compile time excluded from slices/s):", ""]
     out.append(_compile_table(i["compile"]))
@@ -349,7 +394,7 @@ def _machine_section(results: Mapping, docs_path: Path, plot: Path | None) -> st
     metas = {name: suite.get("meta", {}) for name, suite in results["suites"].items()}
     out = [f"## {results['machine']['name']}", "", *_run_facts(results, metas)]
     out += ["", _runs_table(results, metas)]
-    out += _goals_section(results) + _fast_paths_section(results)
+    out += _goals_section(results) + _fast_paths_section(results) + _ceiling_section(results["suites"])
     suites = results["suites"]
     if "train" in suites:
         out += _training_section(suites["train"])

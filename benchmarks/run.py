@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import data_loading, inference, scaling, training
+from benchmarks import data_loading, inference, roofline, scaling, training
 from benchmarks.goals import fast_paths, goals
 from benchmarks.measure import load_average, machine_info
 from benchmarks.report import DOCS, RESULTS, write_docs
@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     for name in SUITES if args.suite == "all" else (args.suite,):
         start, load = time.perf_counter(), load_average()
+        log(f"{name}: the machine's ceiling (a large 3x3 convolution) ...")
+        ceiling = roofline.measure(device, plan_key)  # under the load the suite's rows will see
         suite = _run_suite(name, plan_key, device, args.threads, log)
+        suite["ceiling"] = ceiling
         suite["meta"] = {
             "command": command,
             "wall_s": round(time.perf_counter() - start, 1),

@@ -26,6 +26,8 @@ GOAL_IDS = {
     "fc103_memory",
     "fc56_volume",
     "dense_unet_volume",
+    "ceiling_share",
+    "dense_unet_vs_smp_latency",
     "data_vs_training",
 }
 linux_only = pytest.mark.skipif(
@@ -119,6 +121,70 @@ def test_goal_verdicts_follow_the_ratios_and_only_at_the_goals_setting():
     assert next(g for g in goals(results) if g["id"] == "densenet_speed")["met"] is None
 
 
+def test_flop_counts_on_the_meta_device_match_the_arithmetic():
+    from torch import nn
+    from torchvision.models import densenet121
+
+    from benchmarks.roofline import forward_gflop, training_gflop
+
+    conv = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    assert forward_gflop(conv, (2, 16, 20, 20)) == pytest.approx(2 * 2 * 16 * 32 * 9 * 20 * 20 / 1e9)
+    # DenseNet-121 at 224x224: 2.87 G multiply-adds (Huang et al.), 2 FLOPs each
+    assert forward_gflop(densenet121(), (1, 3, 224, 224)) == pytest.approx(5.67, abs=0.03)
+    # the backward pass costs about twice the forward; the model itself is left as it was (no meta weights)
+    from seg_densenet.models import DenseUNet
+
+    net = DenseUNet(in_channels=1, num_classes=4, growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
+                    decoder_layers=(1, 1, 1, 1, 1), decoder_growth_rate=8)
+    forward = forward_gflop(net, (2, 1, 64, 64))
+    plain = training_gflop(net, (2, 1, 64, 64))
+    assert 2.5 * forward < plain < 3.5 * forward
+    for m in net.modules():  # memory-efficient layers are counted as the plain network
+        if hasattr(m, "memory_efficient"):
+            m.memory_efficient = True
+    assert training_gflop(net, (2, 1, 64, 64)) == pytest.approx(plain)
+    assert next(net.parameters()).device.type == "cpu"
+
+
+def test_ceiling_is_the_better_layout_and_rows_are_placed_under_it():
+    from benchmarks.report import _ceiling_section, _group_table
+    from benchmarks.roofline import CeilingPlan, conv_ceiling, place
+
+    ceiling = conv_ceiling(torch.device("cpu"), CeilingPlan(batch=1, channels=16, size=16, warmup=0, repeats=1))
+    assert ceiling["gflop_per_s"] == max(ceiling["layouts_gflop_per_s"].values()) > 0
+    assert place(2.0, 10.0, 40.0) == {"gflop_per_s": 20.0, "pct_of_ceiling": 50.0}
+    assert place(None, 10.0, 40.0)["pct_of_ceiling"] is None
+    suite_ceiling = {"fp32": {**ceiling, "gflop_per_s": 40.0}, "bf16": {"status": "skipped", "reason": "no bf16"}}
+    eager = {**_config(10.0, 2.0), "gflop_per_item": 2.0, "seconds": [0.8], "warmup_seconds": [0.9]}
+    group = {"eager": eager, "bf16 autocast": {"status": "skipped", "reason": "emulated"}}
+    table = _group_table(group, "eager", "slices", suite_ceiling)
+    assert "| GFLOP per slice | GFLOP/s | % of ceiling |" in table and "| 2.00 | 20.00 | 50.00 |" in table
+    assert "GFLOP" not in _group_table(group, "eager", "slices")  # old results files: no roofline columns
+    section = "\n".join(_ceiling_section({"infer": {"ceiling": suite_ceiling}}))
+    assert "### Roofline" in section and "| infer |" in section and "skipped: no bf16" in section
+
+
+def test_ceiling_and_smp_goals():
+    volume_shape = {"volume_shape": [256, 216, 10]}
+    throughput = {
+        "DenseUNet": {"eager": {**_config(20.0, 1.0, batch=2), "gflop_per_item": 7.4}},
+        "smp Unet(densenet121)": {"eager": {**_config(8.0, 1.0, batch=2), "gflop_per_item": 12.7},
+                                  "bf16 autocast": {**_config(80.0, 1.0, batch=2), "gflop_per_item": 12.7}},
+    }
+    volume = {"DenseUNet onnxruntime": {**_config(40.0, 1.0, batch=10), **volume_shape, "gflop_per_item": 8.5}}
+    results = {"threads": 2, "suites": {"infer": {"throughput": throughput, "volume": volume,
+                                                  "ceiling": {"fp32": {"gflop_per_s": 400.0}}}}}
+    rows = {g["id"]: g for g in goals(results)}
+    share = rows["ceiling_share"]
+    # DenseUNet's best: ONNX Runtime on the volume (340 GFLOP/s = 85 %); smp's bf16 row is not held to fp32's
+    assert "DenseUNet 85% (DenseUNet onnxruntime)" in share["measured"] and "smp Unet(densenet121) 25% (eager)" in share["measured"]
+    assert share["met"] is False
+    # smp at its fastest (bf16 here, 80 slices/s) against DenseUNet's 20: four times our latency
+    smp = rows["dense_unet_vs_smp_latency"]
+    assert smp["measured"] == "4.00x" and smp["met"] is False and "smp bf16 autocast" in smp["note"]
+    assert rows["dense_unet_volume"]["measured"] == "0.25 s onnxruntime" and rows["dense_unet_volume"]["met"] is True
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
@@ -154,6 +220,13 @@ def test_quick_run_writes_every_suite_to_the_results_file(quick_run):
         assert c["status"] == "ok", c
         assert c["items_per_s"] > 0 and c["peak_gb"] >= c["added_gb"] >= 0
     assert {"eager", "channels_last", "bf16 autocast"} <= set(suites["infer"]["throughput"]["FC-DenseNet56"])
+    # the roofline: every suite's ceiling, and FLOPs on every model row of the train and infer suites
+    for suite in suites.values():
+        assert suite["ceiling"]["fp32"]["gflop_per_s"] > 0 and suite["ceiling"]["bf16"]["status"] in ("ok", "skipped")
+    train_rows = [c for g in ("densenet121", "segmentation", "fc_densenet") for c in suites["train"][g].values()]
+    assert all(c["gflop_per_item"] > 0 for c in train_rows)
+    assert all(c["gflop_per_item"] > 0 for g in suites["infer"]["throughput"].values() for c in g.values())
+    assert results["machine"]["cpu_flags"] is not None
     assert suites["infer"]["volume"]["FC-DenseNet56 eager"]["status"] == "ok"
     for c in suites["infer"]["compile"].values():  # the child either measured or says why not
         assert c["status"] == "ok" or c["reason"]
@@ -177,6 +250,7 @@ def test_quick_run_generates_the_page_and_the_report_regenerates_it(quick_run):
         results["machine"]["cpu"] in page and results["machine"]["torch"] in page and results["date"] in page
     )
     assert "shared with other work" in page and "no GPU was lent" in page
+    assert "### Roofline" in page and "% of ceiling" in page and "CPU flags:" in page
     for goal in results["goals"]:
         assert goal["goal"] in page
     (plot,) = quick_run.glob("*-scaling.png")
