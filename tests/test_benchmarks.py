@@ -171,7 +171,8 @@ def test_ceiling_and_smp_goals():
         "smp Unet(densenet121)": {"eager": {**_config(8.0, 1.0, batch=2), "gflop_per_item": 12.7},
                                   "bf16 autocast": {**_config(80.0, 1.0, batch=2), "gflop_per_item": 12.7}},
     }
-    volume = {"DenseUNet onnxruntime": {**_config(40.0, 1.0, batch=10), **volume_shape, "gflop_per_item": 8.5}}
+    volume = {"DenseUNet onnxruntime": {**_config(40.0, 1.0, batch=10), **volume_shape, "gflop_per_item": 8.5,
+                                        "items_per_call": 10}}
     results = {"threads": 2, "suites": {"infer": {"throughput": throughput, "volume": volume,
                                                   "ceiling": {"fp32": {"gflop_per_s": 400.0}}}}}
     rows = {g["id"]: g for g in goals(results)}
@@ -183,6 +184,11 @@ def test_ceiling_and_smp_goals():
     smp = rows["dense_unet_vs_smp_latency"]
     assert smp["measured"] == "4.00x" and smp["met"] is False and "smp bf16 autocast" in smp["note"]
     assert rows["dense_unet_volume"]["measured"] == "0.25 s onnxruntime" and rows["dense_unet_volume"]["met"] is True
+    # 85 GFLOP in 0.35 s needs 243 GFLOP/s: 61 % of a 400 GFLOP/s ceiling, beyond a 200 GFLOP/s one
+    assert "0.35 s needs 243 GFLOP/s, fp32 ceiling 400 GFLOP/s (61% of it)" in rows["dense_unet_volume"]["note"]
+    results["suites"]["infer"]["ceiling"]["fp32"]["gflop_per_s"] = 200.0
+    note = next(g for g in goals(results) if g["id"] == "dense_unet_volume")["note"]
+    assert "the physics forbids it on this machine (at 100% of the ceiling 0.42 s)" in note
 
 
 @pytest.fixture(scope="module")
