@@ -176,6 +176,12 @@ def _best(group: Mapping, prefix: str = "") -> tuple[str, dict] | None:
     return max(measured, key=lambda nc: nc[1]["items_per_s"]) if measured else None
 
 
+def _off_slice_size(config: Mapping, size: int = 224) -> str | None:
+    """None when an inference ``config`` ran on ``size`` x ``size`` slices, else its slice size as text."""
+    shape = config.get("size")
+    return None if shape == [size, size] else f"{'x'.join(map(str, shape or []))} slices"
+
+
 def _ceiling_goal(throughput: Mapping, volume: Mapping, ceiling: Mapping) -> dict:
     """Every model's best inference configuration at >= 50 % of the fp32 convolution ceiling."""
     text = "Every model's inference at >= 50% of the machine's fp32 3x3-convolution ceiling (best configuration)"
@@ -191,8 +197,7 @@ def _ceiling_goal(throughput: Mapping, volume: Mapping, ceiling: Mapping) -> dic
         if rated:
             rate, config = max(rated)
             shares[name] = (100.0 * rate / peak, config)
-        size = group.get("eager", {}).get("size")
-        off = off or (None if size == [224, 224] else f"{'x'.join(map(str, size or []))} slices")
+        off = off or _off_slice_size(group.get("eager", {}))
     if not shares:
         return _missing("ceiling_share", text, "no model row with a FLOP count")
     measured = ", ".join(f"{name} {pct:.0f}% ({config})" for name, (pct, config) in shares.items())
@@ -208,8 +213,7 @@ def _dense_unet_vs_smp_latency(throughput: Mapping) -> dict:
         return _missing("dense_unet_vs_smp_latency", text, "a model's throughput was not measured")
     ratio = smp[1]["items_per_s"] / ours[1]["items_per_s"]
     note = f"DenseUNet {ours[0]} against smp {smp[0]}; smp's ONNX Runtime path is not measured"
-    size = ours[1].get("size")
-    off = None if size == [224, 224] else f"{'x'.join(map(str, size or []))} slices"
+    off = _off_slice_size(ours[1])
     return _goal("dense_unet_vs_smp_latency", text, f"{ratio:.2f}x", ratio <= 0.5, note, off)
 
 

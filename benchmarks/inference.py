@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.measure import Measurement, interleave, summaries
-from benchmarks.roofline import forward_gflop
+from benchmarks.roofline import forward_gflop, native_bf16, per_item
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.inference.predictor import Predictor
@@ -139,7 +139,7 @@ def throughput_group(name: str, plan: InferPlan, device: torch.device) -> dict:
     if device.type == "cuda":
         calls["cudnn.benchmark"] = forward_call(model, x, cudnn_benchmark=True)
     slowdown = bf16_pilot(model, device, plan.pilot_size)
-    emulated = device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    emulated = device.type == "cpu" and not native_bf16(device)
 
     def skip_check(config: str, done: dict[str, Measurement]) -> str | None:
         eager = done["eager"]
@@ -156,10 +156,8 @@ def throughput_group(name: str, plan: InferPlan, device: torch.device) -> dict:
             )
         return None
 
-    gflop = forward_gflop(model, (1, 1, plan.size, plan.size))
-    settings = {
-        c: {"batch": plan.batch, "size": [plan.size, plan.size], "gflop_per_item": _rounded(gflop)} for c in calls
-    }
+    gflop = per_item(forward_gflop(model, (1, 1, plan.size, plan.size)))
+    settings = {c: {"batch": plan.batch, "size": [plan.size, plan.size], "gflop_per_item": gflop} for c in calls}
     settings["bf16 autocast"]["pilot_slowdown"] = round(slowdown, 2)
     results = interleave(
         calls,
@@ -191,7 +189,7 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
     volume = synthetic_volume(plan.volume_shape)
     x_size, y_size, n_slices = plan.volume_shape
     preprocessor = Preprocessor(normalization="zscore", target_spacing=None, crop_size=None)
-    calls, skipped, gflop = {}, {}, {}
+    calls, settings, skipped = {}, {}, {}
     for name in MODELS:
         if name not in plan.volume_models:
             skipped[name] = "volume latency is measured for the models in volume_models (the goals' models)"
@@ -216,12 +214,9 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
             predictor = Predictor(net, preprocessor, device=str(device), batch_size=n_slices,
                                   channels_last=variant == "channels_last")
             if variant == "eager":  # the network's FLOPs at the size the predictor feeds it (padding included)
-                gflop[name] = _predictor_gflop(predictor, volume) / n_slices
+                gflop = per_item(_predictor_gflop(predictor, volume), n_slices)
             calls[f"{name} {variant}"] = lambda p=predictor: p.predict(volume)
-    settings = {
-        c: {"volume_shape": list(plan.volume_shape), "tta": False, "gflop_per_item": _rounded(gflop[c.rsplit(" ", 1)[0]])}
-        for c in calls
-    }
+            settings[f"{name} {variant}"] = {"volume_shape": list(plan.volume_shape), "tta": False, "gflop_per_item": gflop}
     results = summaries(
         interleave(
             calls,
@@ -236,10 +231,6 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
     for name, reason in skipped.items():
         results[name] = {"status": "skipped", "reason": reason, "volume_shape": list(plan.volume_shape)}
     return results
-
-
-def _rounded(gflop: float | None) -> float | None:
-    return round(gflop, 4) if gflop else None
 
 
 def _predictor_gflop(predictor: Predictor, volume: Volume) -> float:
@@ -312,7 +303,7 @@ def _compile_child(args: dict) -> dict:
 def run(plan: InferPlan, device: torch.device, threads: int, log: Callable[[str], None] = print) -> dict:
     out: dict = {"plan": asdict(plan)}
     if device.type == "cpu":
-        out["cpu_native_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        out["cpu_native_bf16"] = native_bf16(device)
     out["throughput"] = {}
     for name in MODELS:
         log(f"infer/throughput {name} ...")

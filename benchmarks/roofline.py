@@ -140,6 +140,11 @@ def training_gflop(model: nn.Module, shape: tuple[int, ...]) -> float | None:
         return None
 
 
+def per_item(gflop: float | None, items: int = 1) -> float | None:
+    """A row's ``gflop_per_item`` (4 decimals) from the GFLOP of one call of ``items`` items; None if not counted."""
+    return round(gflop / items, 4) if gflop else None
+
+
 def place(gflop_per_item: float | None, items_per_s: float | None, ceiling_gflop_per_s: float | None) -> dict:
     """``{"gflop_per_s", "pct_of_ceiling"}`` of a row (None where a figure is missing)."""
     if not gflop_per_item or not items_per_s:

@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 from benchmarks.measure import SkipCheck, interleave, summaries
-from benchmarks.roofline import training_gflop
+from benchmarks.roofline import per_item, training_gflop
 from seg_densenet.models import build_model
 from seg_densenet.models.shared_storage import per_layer_concatenation
 
@@ -112,10 +112,10 @@ def run_group(
         small, full = (t.contiguous(memory_format=layout) for t in (x_small, x))
         training_step(model, optimizers[id(model)], small, y_small, memory_efficient, per_layer)()
         steps[name] = training_step(model, optimizers[id(model)], full, y, memory_efficient, per_layer)
-    gflop = {id(m): training_gflop(m, tuple(x.shape)) for m, _ in models.values()}  # per model, once
+    distinct = {id(m): m for m, _ in models.values()}  # a model listed under several configurations counts once
+    gflop = {key: per_item(training_gflop(m, tuple(x.shape)), x.shape[0]) for key, m in distinct.items()}
     settings = {
-        name: {"batch": x.shape[0], "size": list(x.shape[-2:]), "memory_efficient": me,
-               "gflop_per_item": _per_item(gflop[id(model)], x.shape[0])}
+        name: {"batch": x.shape[0], "size": list(x.shape[-2:]), "memory_efficient": me, "gflop_per_item": gflop[id(model)]}
         for name, (model, me) in models.items()
     }
     results = interleave(
@@ -129,10 +129,6 @@ def run_group(
         settings=settings,
     )
     return summaries(results)
-
-
-def _per_item(gflop: float | None, batch: int) -> float | None:
-    return round(gflop / batch, 4) if gflop else None
 
 
 def densenet121_group(plan: TrainPlan, device: torch.device) -> dict:
