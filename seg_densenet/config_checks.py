@@ -95,6 +95,15 @@ def existing_file() -> tuple[Check, str]:
     return (lambda v: isinstance(v, str) and Path(v).is_file()), "an existing file"
 
 
+def existing_files() -> tuple[Check, str]:
+    """One existing file, or a non-empty list of them (an ensemble of checkpoints)."""
+    one = existing_file()[0]
+    return (
+        (lambda v: one(v) or (isinstance(v, list | tuple | ListConfig) and len(v) > 0 and all(one(x) for x in v))),
+        "an existing file or a list [a, b, ...] of existing files",
+    )
+
+
 def existing_path() -> tuple[Check, str]:
     return (lambda v: isinstance(v, str) and Path(v).exists()), "an existing file or folder"
 
@@ -248,7 +257,7 @@ _PREDICTION = [
 RULES: dict[str, list[Rule]] = {
     "config": _TRAIN,
     "predict": [
-        rule("ckpt", existing_file()),
+        rule("ckpt", existing_files()),
         rule("input", existing_path()),
         rule("output", writable_folder()),
         *_PREDICTION,
@@ -263,7 +272,7 @@ RULES: dict[str, list[Rule]] = {
     "evaluate": [
         rule("pred", existing_dir(), nullable=True),
         rule("gt", existing_dir(), nullable=True),
-        rule("ckpt", existing_file(), nullable=True),
+        rule("ckpt", existing_files(), nullable=True),
         rule("input", existing_dir(), nullable=True),
         rule("output", writable_folder(), nullable=True),
         rule("split", existing_file(), nullable=True),
@@ -290,7 +299,7 @@ RULES: dict[str, list[Rule]] = {
     ],
     "info": [rule("ckpt", existing_file())],
     "robustness": [
-        rule("ckpt", existing_file()),
+        rule("ckpt", existing_files()),
         rule("input", existing_dir()),
         rule("output", writable_folder()),
         rule("split", existing_file(), nullable=True),

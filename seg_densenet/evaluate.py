@@ -170,7 +170,8 @@ def _labels_and_mapping(cfg: DictConfig) -> tuple[dict[str, int], dict[int, int]
     if cfg.ckpt is not None:
         from seg_densenet.checkpoint import read_checkpoint
 
-        record = read_checkpoint(cfg.ckpt)["seg_densenet"]
+        first = cfg.ckpt if isinstance(cfg.ckpt, str) else cfg.ckpt[0]  # an ensemble's members share labels
+        record = read_checkpoint(first)["seg_densenet"]
         labels = labels if labels is not None else LabelSet.from_record(record).structures
         mapping = mapping if mapping is not None else (record.get("data") or {}).get("label_mapping")
     return (labels if labels is not None else dict(ACDC_STRUCTURES)), mapping

@@ -93,7 +93,7 @@ def find_inputs(input_path: str | Path, cine: bool = False) -> tuple[Path, list[
     return root, files
 
 
-def predict_tree(ckpt: str | Path, input: str | Path, output: str | Path, *, tta: bool | str = False,
+def predict_tree(ckpt: str | Path | Sequence[str | Path], input: str | Path, output: str | Path, *, tta: bool | str = False,
                  postprocess: str | None = None, mc_samples: int = 0, save_probs: bool = False,
                  device: str = "auto", precision: str = "32", batch_size: int = 16,
                  memory_budget_mb: float | None = None, channels_last: bool = True, cine: bool = False,

@@ -237,7 +237,7 @@ def find_cases(
 
 
 def robustness_report(
-    ckpt: str | Path,
+    ckpt: str | Path | Sequence[str | Path],
     input: str | Path,
     output: str | Path,
     *,
@@ -273,7 +273,7 @@ def robustness_report(
     case_rows = _score_shifts(predictor, frames, names, labels, mapping)
     rows = _summarise(case_rows, names, list(labels))
     settings = {
-        "ckpt": str(ckpt), "input": str(input), "split": None if split is None else f"{split} ({subset})",
+        "ckpt": str(ckpt) if isinstance(ckpt, (str, Path)) else ", ".join(map(str, ckpt)), "input": str(input), "split": None if split is None else f"{split} ({subset})",
         "n_cases": len({f.case for f in frames}), "n_frames": len(frames),
         "tta": tta, "postprocess": postprocess,
     }  # fmt: skip

@@ -104,6 +104,16 @@ def test_training_options_checked_in_process(compose_app, overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_list_of_checkpoints_is_checked_file_by_file(compose_app, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    for app in ("predict", "robustness", "evaluate"):
+        given = [f"input={tmp_path}", f"output={tmp_path}/out"]
+        validate(app, compose_app(app, [f"ckpt=[{ckpt},{ckpt}]", *given]))
+        with pytest.raises(ConfigError, match=r"ckpt=.*missing.ckpt.*: must be an existing file or a list"):
+            validate(app, compose_app(app, [f"ckpt=[{ckpt},{tmp_path}/missing.ckpt]", *given]))
+
+
 def test_a_read_only_output_folder_is_refused(compose_app, tmp_path):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"x")

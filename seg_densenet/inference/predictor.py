@@ -226,29 +226,42 @@ def _chunk_meta(meta: GridMeta, n: int) -> GridMeta:
     )
 
 
-def build_predictor(ckpt: str | Path, *, device: str = "auto", tta: bool | str = False, backend: str = "torch",
-                    **options) -> tuple[Predictor, dict]:
+def build_predictor(ckpt: str | Path | Sequence[str | Path], *, device: str = "auto", tta: bool | str = False,
+                    backend: str = "torch", **options) -> tuple[Predictor, dict]:
     """The :class:`Predictor` of a segmentation checkpoint (its network and training preprocessing)
     with ``options`` (see :class:`Predictor`); returns ``(predictor, checkpoint record)``.
 
-    tta: false | true | d4 (see :func:`select_tta`), limited to what the checkpoint was trained with.
+    ckpt: one checkpoint, or a list of them: an :class:`~seg_densenet.inference.ensemble.Ensemble`
+    averaging their softmax (the record is the first one's, with ``ensemble``: the files).
+    tta: false | true | d4 (see :func:`select_tta`), limited to what the checkpoint was trained with
+    (every member, for an ensemble).
     backend: torch | onnxruntime | auto (:mod:`seg_densenet.backends`).
     """
     from seg_densenet.backends import OnnxRuntimeModel, cached_onnx, resolve_backend
+    from seg_densenet.inference.ensemble import Ensemble, check_members
 
-    model, record = load_model(ckpt)
-    if record.get("task") != "segment":
-        raise SegDenseNetError(f"{ckpt}: a {record.get('task')} checkpoint, not a segmentation model")
+    paths = [ckpt] if isinstance(ckpt, (str, Path)) else list(ckpt)
+    if not paths:
+        raise ConfigError("ckpt: give a checkpoint file, or a list of them for an ensemble")
+    models, records = zip(*(load_model(path) for path in paths))
+    for path, record in zip(paths, records):
+        if record.get("task") != "segment":
+            raise SegDenseNetError(f"{path}: a {record.get('task')} checkpoint, not a segmentation model")
+    check_members(paths, records)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     backend = resolve_backend(backend, device, str(options.get("precision", "32")), options.get("mc_samples", 0))
     if backend == "onnxruntime":
-        model = OnnxRuntimeModel(cached_onnx(ckpt), min_size=getattr(model, "min_size", 1),
-                                 threads=torch.get_num_threads())
+        models = [
+            OnnxRuntimeModel(cached_onnx(path), min_size=getattr(model, "min_size", 1), threads=torch.get_num_threads())
+            for path, model in zip(paths, models)
+        ]
         options["channels_last"] = False  # the graph takes NCHW arrays
-    data_cfg = record.get("data") or {}
+    data_cfg = records[0].get("data") or {}
+    transforms = [select_tta(tta, (record.get("data") or {}).get("augmentation")) for record in records]
     predictor = Predictor(
-        model, preprocessor_from_record(data_cfg), device=device,
-        num_classes=LabelSet.from_record(record).num_classes,
-        tta_transforms=select_tta(tta, data_cfg.get("augmentation")), **options,
+        models[0] if len(models) == 1 else Ensemble(models), preprocessor_from_record(data_cfg), device=device,
+        num_classes=LabelSet.from_record(records[0]).num_classes,
+        tta_transforms=[g for g in transforms[0] if all(g in other for other in transforms[1:])], **options,
     )
+    record = records[0] if len(paths) == 1 else {**records[0], "ensemble": [str(path) for path in paths]}
     return predictor, record
