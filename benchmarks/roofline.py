@@ -88,7 +88,8 @@ def measure(device: torch.device, plan_key: str) -> dict:
     if native_bf16(device):
         out["bf16"] = conv_ceiling(device, plan, torch.bfloat16)
     else:
-        out["bf16"] = {"status": "skipped", "reason": "no native bf16 on this CPU (no AVX512-BF16 or AMX)"}
+        where = "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)"
+        out["bf16"] = {"status": "skipped", "reason": f"no native bf16 on {where}"}
     return out
 
 

@@ -53,7 +53,7 @@ PLANS = {
     "quick": ScalingPlan(
         batch=2,
         depth_size=32,
-        sizes=(32, 40, 48),
+        sizes=(32, 48),
         block_layers=(2, 4, 8),
         block_batch=2,
         block_size=32,

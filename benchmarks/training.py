@@ -112,10 +112,12 @@ def run_group(
         small, full = (t.contiguous(memory_format=layout) for t in (x_small, x))
         training_step(model, optimizers[id(model)], small, y_small, memory_efficient, per_layer)()
         steps[name] = training_step(model, optimizers[id(model)], full, y, memory_efficient, per_layer)
-    distinct = {id(m): m for m, _ in models.values()}  # a model listed under several configurations counts once
+    # counted once per architecture: a model listed under several configurations, or its NHWC copy
+    # (same modules, same FLOPs), is not counted again
+    distinct = {repr(m): m for m, _ in models.values()}
     gflop = {key: per_item(training_gflop(m, tuple(x.shape)), x.shape[0]) for key, m in distinct.items()}
     settings = {
-        name: {"batch": x.shape[0], "size": list(x.shape[-2:]), "memory_efficient": me, "gflop_per_item": gflop[id(model)]}
+        name: {"batch": x.shape[0], "size": list(x.shape[-2:]), "memory_efficient": me, "gflop_per_item": gflop[repr(model)]}
         for name, (model, me) in models.items()
     }
     results = interleave(
