@@ -17,9 +17,13 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/python -m seg_densenet.train $(ARGS)
 
+# Two pytest workers (pytest-xdist): most tests wait on one core (a CLI's imports, tiny tensors), so two
+# share a 2-core machine well; tests of one xdist_group (a costly module fixture) stay on one worker.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check seg_densenet tests benchmarks
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check seg_densenet tests benchmarks

@@ -211,6 +211,7 @@ def quick_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_benchmark")  # one worker runs the module fixture once
 def test_quick_run_writes_every_suite_to_the_results_file(quick_run):
     (path,) = quick_run.glob("*-quick.json")
     results = json.loads(path.read_text())
@@ -247,6 +248,7 @@ def test_quick_run_writes_every_suite_to_the_results_file(quick_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_benchmark")  # one worker runs the module fixture once
 def test_quick_run_generates_the_page_and_the_report_regenerates_it(quick_run):
     page = (quick_run / "benchmarks.md").read_text()
     (path,) = quick_run.glob("*-quick.json")
