@@ -158,7 +158,11 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
         metrics[checkpoint_cb.monitor] = float(checkpoint_cb.best_model_score)
     if cfg.get("test", True) and _has_test_data(datamodule):
-        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        if best:
+            # the checkpoint's own weights, which are the average where a WeightAveraging callback ran:
+            # Lightning's reload (ckpt_path=best) would hand the test that callback's un-averaged weights
+            module.load_state_dict(safe_torch_load(best)["state_dict"])
+        test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update(_scalars(test_metrics[0] if test_metrics else {}))
         if best and trainer.is_global_zero:
             _record_test_metrics(Path(best), {k: v for k, v in metrics.items() if k.startswith("test/")})

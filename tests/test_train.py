@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -385,15 +386,29 @@ def test_classify_stage_pretrains_the_encoder_or_refuses_a_model_without_one(com
         train(cfg)
 
 
-def test_ema_weights_are_what_the_checkpoint_and_prediction_use(compose_cfg, tmp_path, synthetic_root):
+def test_ema_weights_are_what_the_checkpoint_the_test_pass_and_prediction_use(compose_cfg, tmp_path, synthetic_root):
     from seg_densenet.checkpoint import load_model
 
-    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "callbacks=ema", "test=false",
+    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "callbacks=ema",
                        "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
-    train(cfg)
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    key = next(k for k in last["state_dict"] if k.endswith("conv0.weight"))
+    metrics = train(cfg)
+    best = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["segment"]["best_checkpoint"]
+    saved = torch.load(best, map_location="cpu", weights_only=True)
+    key = next(k for k in saved["state_dict"] if k.endswith("conv0.weight"))
     # the averaged weights are the model's; the raw ones are kept beside them to resume
-    assert not torch.equal(last["state_dict"][key], last["current_model_state"][key])
-    model, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert torch.equal(model.state_dict()[key.removeprefix("model.")], last["state_dict"][key])
+    assert not torch.equal(saved["state_dict"][key], saved["current_model_state"][key])
+    model, _ = load_model(best)
+    assert torch.equal(model.state_dict()[key.removeprefix("model.")], saved["state_dict"][key])
+
+    # the run's test pass scored the averaged weights, not the raw ones Lightning's own reload restores
+    def test_dice(weights: str) -> float:
+        datamodule = instantiate(cfg.data)
+        module = instantiate(cfg.task.segment.module)(
+            instantiate(cfg.model), instantiate(cfg.optim), labels=datamodule.label_set.structures)
+        module.load_state_dict(saved[weights])
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        return trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/dice"]
+
+    averaged, raw = test_dice("state_dict"), test_dice("current_model_state")
+    assert abs(averaged - raw) > 1e-4  # two epochs: the average is still far from the raw weights
+    assert metrics["test/dice"] == pytest.approx(averaged, abs=1e-6)
