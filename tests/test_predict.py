@@ -265,6 +265,13 @@ def test_tta_modes_bound_the_passes_and_say_when_there_is_one(caplog):
     assert "no in-plane flips or rotations; tta=true is a single pass" in caplog.text
     with pytest.raises(ConfigError, match="false, true, d4"):
         select_tta("yes", d4)
+    # an ensemble: the symmetries every member was trained with, said once
+    flips = _compose(_HFLIP, _VFLIP)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="seg_densenet.predict"):
+        assert [g.name for g in select_tta("d4", d4, flips)] == ["identity", "hflip", "vflip", "rot180"]
+    assert caplog.text.count("tta:") == 1
+    assert select_tta("d4", d4, d4) == select_tta("d4", d4)
 
 
 def test_every_tta_transform_inverts_exactly_and_composes_as_d4():

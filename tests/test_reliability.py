@@ -27,8 +27,7 @@ def _assert_one_line_error(result, *needles: str) -> str:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+    _has(errors[0], *needles)
     return errors[0]
 
 

@@ -19,6 +19,7 @@ saved with the input's affine. Everything ``invert`` needs is in the :class:`Gri
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -237,3 +238,11 @@ def _resample(data: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     # grid_mode=True scales the pixel grid's extent (n * spacing), not the first-to-last centre distance,
     # which is what keeps the physical spacing exact
     return ndimage.zoom(data, factors, order=order, mode="nearest", grid_mode=True)
+
+
+def preprocessor_from_record(data_cfg: dict) -> Preprocessor:
+    """The training preprocessing, without the training crop (models take any size, so a whole
+    slice is predicted and nothing outside a crop is lost)."""
+    settings = data_cfg.get("preprocessing", data_cfg)
+    fields = {f.name for f in dataclasses.fields(Preprocessor)} - {"crop_size"}
+    return Preprocessor(**{k: settings[k] for k in fields if k in settings})

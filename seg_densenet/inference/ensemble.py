@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from seg_densenet.data.labels import LabelSet
+from seg_densenet.data.preprocess import preprocessor_from_record
 from seg_densenet.errors import CheckpointError
 
 
@@ -42,8 +43,6 @@ class Ensemble(nn.Module):
 
 def prediction_settings(record: dict) -> dict:
     """What a checkpoint's predictions depend on besides its weights (its ``seg_densenet`` record)."""
-    from seg_densenet.inference.predictor import preprocessor_from_record
-
     return {
         "task": record.get("task"),
         "label set": LabelSet.from_record(record).structures,

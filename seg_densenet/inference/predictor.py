@@ -17,8 +17,9 @@ from rich.progress import Progress
 from seg_densenet.checkpoint import load_model
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.nifti import Volume
-from seg_densenet.data.preprocess import GridMeta, Preprocessor
+from seg_densenet.data.preprocess import GridMeta, Preprocessor, preprocessor_from_record
 from seg_densenet.errors import ConfigError, SegDenseNetError
+from seg_densenet.inference.ensemble import Ensemble, check_members
 from seg_densenet.inference.geometry import permute_axes, slice_axis
 from seg_densenet.inference.postprocess import largest_connected_components
 from seg_densenet.inference.tta import IDENTITY, Dihedral, select_tta
@@ -26,14 +27,6 @@ from seg_densenet.inference.tta import IDENTITY, Dihedral, select_tta
 log = logging.getLogger("seg_densenet.predict")
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-
-
-def preprocessor_from_record(data_cfg: dict) -> Preprocessor:
-    """The training preprocessing, without the training crop (models take any size, so a whole
-    slice is predicted and nothing outside a crop is lost)."""
-    settings = data_cfg.get("preprocessing", data_cfg)
-    fields = {f.name for f in dataclasses.fields(Preprocessor)} - {"crop_size"}
-    return Preprocessor(**{k: settings[k] for k in fields if k in settings})
 
 
 class Predictor:
@@ -238,7 +231,6 @@ def build_predictor(ckpt: str | Path | Sequence[str | Path], *, device: str = "a
     backend: torch | onnxruntime | auto (:mod:`seg_densenet.backends`).
     """
     from seg_densenet.backends import OnnxRuntimeModel, cached_onnx, resolve_backend
-    from seg_densenet.inference.ensemble import Ensemble, check_members
 
     paths = [ckpt] if isinstance(ckpt, (str, Path)) else list(ckpt)
     if not paths:
@@ -257,11 +249,11 @@ def build_predictor(ckpt: str | Path | Sequence[str | Path], *, device: str = "a
         ]
         options["channels_last"] = False  # the graph takes NCHW arrays
     data_cfg = records[0].get("data") or {}
-    transforms = [select_tta(tta, (record.get("data") or {}).get("augmentation")) for record in records]
     predictor = Predictor(
         models[0] if len(models) == 1 else Ensemble(models), preprocessor_from_record(data_cfg), device=device,
         num_classes=LabelSet.from_record(records[0]).num_classes,
-        tta_transforms=[g for g in transforms[0] if all(g in other for other in transforms[1:])], **options,
+        tta_transforms=select_tta(tta, *((record.get("data") or {}).get("augmentation") for record in records)),
+        **options,
     )
     record = records[0] if len(paths) == 1 else {**records[0], "ensemble": [str(path) for path in paths]}
     return predictor, record

@@ -109,14 +109,16 @@ def _range_reaches(low: float, high: float, angle: float) -> bool:
     return math.ceil((low - angle) / 360.0) <= math.floor((high - angle) / 360.0)
 
 
-def select_tta(tta: bool | str, augmentation: Mapping | None) -> list[Dihedral]:
-    """The TTA transforms for ``tta`` (false | true | d4) and a checkpoint's training augmentation:
+def select_tta(tta: bool | str, *augmentations: Mapping | None) -> list[Dihedral]:
+    """The TTA transforms for ``tta`` (false | true | d4) and a checkpoint's training augmentation
+    (several for an ensemble: the symmetries every member was trained with):
     false: the identity; true: those of identity, hflip, vflip, rot180 the training covered (slice
     shapes kept, at most 4 passes); d4: every symmetry it covered, quarter turns and transposes too."""
     tta = tta_mode(tta)
     if tta is False:
         return [IDENTITY]
-    covered = tta_transforms(augmentation)
+    each = [tta_transforms(augmentation) for augmentation in augmentations or (None,)]
+    covered = [g for g in each[0] if all(g in other for other in each[1:])]
     chosen = covered if tta == "d4" else [g for g in covered if g in FLIPS]
     if covered == [IDENTITY]:
         log.info("tta: checkpoint trained with no in-plane flips or rotations; tta=%s is a single pass",
