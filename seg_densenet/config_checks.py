@@ -91,6 +91,17 @@ def _plural(text: str) -> str:
     return f"{noun}s {rest}".strip()
 
 
+def list_of(check: tuple[Check, str]) -> tuple[Check, str]:
+    inner, text = check
+    return (
+        (lambda v: isinstance(v, list | tuple | ListConfig) and len(v) > 0 and all(inner(x) for x in v)),
+        "a list [a, b, ...] of " + _plural(text),
+    )
+
+
+SCALES = list_of(number_in(0.25, 4))
+
+
 def existing_file() -> tuple[Check, str]:
     return (lambda v: isinstance(v, str) and Path(v).is_file()), "an existing file"
 
@@ -253,6 +264,7 @@ _PREDICTION = [
     rule("channels_last", BOOLEAN),
     rule("tta", TTA),
     rule("postprocess", POSTPROCESS),
+    rule("scales", SCALES),
 ]
 RULES: dict[str, list[Rule]] = {
     "config": _TRAIN,
@@ -283,6 +295,7 @@ RULES: dict[str, list[Rule]] = {
         rule("label_mapping", LABEL_MAPPING, nullable=True),
         rule("predict_options.tta", TTA),
         rule("predict_options.postprocess", POSTPROCESS),
+        rule("predict_options.scales", SCALES),
         rule("predict_options.batch_size", int_at_least(1)),
         rule("predict_options.mc_samples", int_at_least(0)),
         rule("predict_options.backend", one_of("torch", "onnxruntime", "auto")),

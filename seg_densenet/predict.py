@@ -97,7 +97,8 @@ def predict_tree(ckpt: str | Path | Sequence[str | Path], input: str | Path, out
                  postprocess: str | None = None, mc_samples: int = 0, save_probs: bool = False,
                  device: str = "auto", precision: str = "32", batch_size: int = 16,
                  memory_budget_mb: float | None = None, channels_last: bool = True, cine: bool = False,
-                 cine_frames: Sequence[int] | None = None, backend: str = "torch") -> list[Path]:
+                 cine_frames: Sequence[int] | None = None, backend: str = "torch",
+                 scales: Sequence[float] = (1.0,)) -> list[Path]:
     """Predict every image under ``input`` into ``output`` (mirroring the tree); returns the masks written.
 
     A 4D cine series ``(X, Y, Z, T)`` (given directly, or found in a tree with ``cine=True``) becomes a 4D
@@ -114,7 +115,7 @@ def predict_tree(ckpt: str | Path | Sequence[str | Path], input: str | Path, out
     predictor, record = build_predictor(
         ckpt, device=device, precision=precision, batch_size=batch_size, tta=tta, mc_samples=mc_samples,
         postprocess=postprocess, keep_probs=save_probs, memory_budget_mb=memory_budget_mb,
-        channels_last=channels_last, backend=backend,
+        channels_last=channels_last, backend=backend, scales=scales,
     )
     structures = LabelSet.from_record(record).structures
     written = []
@@ -176,7 +177,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         predict_tree, cfg.ckpt, cfg.input, cfg.output, tta=cfg.tta, postprocess=cfg.postprocess,
         mc_samples=cfg.mc_samples, save_probs=cfg.save_probs, device=cfg.device, precision=str(cfg.precision),
         batch_size=cfg.batch_size, memory_budget_mb=cfg.memory_budget_mb, channels_last=cfg.channels_last,
-        cine=cfg.cine, cine_frames=cfg.cine_frames, backend=cfg.backend,
+        cine=cfg.cine, cine_frames=cfg.cine_frames, backend=cfg.backend, scales=list(cfg.scales),
     )
 
 

@@ -250,6 +250,7 @@ def robustness_report(
     device: str = "auto",
     batch_size: int = 16,
     channels_last: bool = True,
+    scales: Sequence[float] = (1.0,),
 ) -> list[dict]:
     """Evaluate ``ckpt`` on every frame under ``input`` under every shift; returns the per-shift rows
     (``robustness.csv``) after writing the reports into ``output``."""
@@ -267,6 +268,7 @@ def robustness_report(
         postprocess=postprocess,
         batch_size=batch_size,
         channels_last=channels_last,
+        scales=scales,
     )
     labels = LabelSet.from_record(record).structures
     mapping = (record.get("data") or {}).get("label_mapping")
@@ -275,7 +277,7 @@ def robustness_report(
     settings = {
         "ckpt": str(ckpt) if isinstance(ckpt, (str, Path)) else ", ".join(map(str, ckpt)), "input": str(input), "split": None if split is None else f"{split} ({subset})",
         "n_cases": len({f.case for f in frames}), "n_frames": len(frames),
-        "tta": tta, "postprocess": postprocess,
+        "tta": tta, "postprocess": postprocess, "scales": list(scales),
     }  # fmt: skip
     markdown = robustness_markdown(rows, settings, list(labels))
     output.mkdir(parents=True, exist_ok=True)
@@ -401,7 +403,8 @@ def robustness_markdown(rows: list[dict], settings: dict, structures: list[str])
         f"- Checkpoint: `{settings['ckpt']}`",
         f"- Input: `{settings['input']}`; split: {split}",
         f"- Cases: {settings['n_cases']} patients, {settings['n_frames']} frames",
-        f"- Prediction: tta={str(settings['tta']).lower()}, postprocess={settings['postprocess'] or 'none'}",
+        f"- Prediction: tta={str(settings['tta']).lower()}, postprocess={settings['postprocess'] or 'none'}"
+        + (f", scales={settings['scales']}" if settings.get("scales", [1.0]) != [1.0] else ""),
         f"- {_worst_line(rows)}",
         "",
         _table(rows, structures),
@@ -433,6 +436,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         device=cfg.device,
         batch_size=cfg.batch_size,
         channels_last=cfg.channels_last,
+        scales=list(cfg.scales),
     )
 
 

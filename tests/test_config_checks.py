@@ -28,6 +28,8 @@ BAD_OPTIONS = [
     (["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={tmp}/out", "tta=maybe"], "tta=maybe",
      "one of false, true, d4"),
     (["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={ckpt}"], "output=", "choose another output="),
+    (["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={tmp}/out", "scales=[1.0,0]"],
+     "scales=[1.0, 0]", "list [a, b, ...] of numbers in [0.25, 4]"),
     (["-m", "seg_densenet.evaluate", "pred={tmp}/missing", "gt=.", "output={tmp}/out"], "pred=", "existing folder"),
     (["-m", "seg_densenet.evaluate", "ckpt={ckpt}", "input=.", "output={tmp}/out", "subset=holdout"],
      "subset=holdout", "one of train, val, test"),

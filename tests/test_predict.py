@@ -46,7 +46,7 @@ def test_predict_options_tta_lcc_mc_dropout_probs(trained_ckpt, synthetic_root, 
     image = next(synthetic_root.glob("patient001/patient001_frame01.nii.gz"))
     out = tmp_path / "pred"
     result = _predict([f"ckpt={trained_ckpt}", f"input={image}", f"output={out}", "tta=d4", "postprocess=lcc",
-                       "mc_samples=3", "save_probs=true", "device=cpu", "precision=bf16"])
+                       "mc_samples=3", "save_probs=true", "device=cpu", "precision=bf16", "scales=[1.0,0.8]"])
     assert result.returncode == 0, result.stderr[-2000:]
     shape = nib.load(image).shape
     unc = nib.load(out / "patient001_frame01_uncertainty.nii.gz")
@@ -347,6 +347,31 @@ def test_tta_averages_the_transformed_predictions_of_a_trained_model(trained_ckp
     full = probs_of(data, Predictor(model, Preprocessor(), keep_probs=True, tta_transforms=D4))
     assert full.shape == (4, *data.shape)
     np.testing.assert_allclose(full.sum(0), 1.0, atol=1e-5)
+
+
+def test_scales_average_the_zoomed_predictions_resized_back(trained_ckpt):
+    """Multi-scale TTA: each scale's pass is the network on the bilinearly zoomed slices, its softmax
+    resized back to the slice's grid; the scales' mean is the prediction."""
+    import torch.nn.functional as F
+
+    from seg_densenet.checkpoint import load_model
+    from seg_densenet.data.preprocess import Preprocessor
+    from seg_densenet.errors import ConfigError
+    from seg_densenet.predict import Predictor
+
+    model, _ = load_model(trained_ckpt)
+    slices = torch.randn(2, 1, 36, 50, generator=torch.Generator().manual_seed(0))
+    single = Predictor(model, Preprocessor())
+    zoomed = F.interpolate(slices, size=(45, 62), mode="bilinear", align_corners=False)  # x1.25, rounded
+    at_125 = F.interpolate(single._probabilities(zoomed), size=(36, 50), mode="bilinear", align_corners=False)
+    expected = (single._probabilities(slices) + at_125) / 2
+    got = Predictor(model, Preprocessor(), scales=[1.0, 1.25])._probabilities(slices)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got - single._probabilities(slices)).abs().max() > 1e-3  # the second scale changed something
+    torch.testing.assert_close(Predictor(model, Preprocessor(), scales=[1.0])._probabilities(slices),
+                               single._probabilities(slices))
+    with pytest.raises(ConfigError, match="between 0.25 and 4"):
+        Predictor(model, Preprocessor(), scales=[1.0, 0.0])
 
 
 def test_tta_of_a_no_flip_checkpoint_is_a_single_pass(trained_ckpt, caplog):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.progress import Progress
 
 from seg_densenet.checkpoint import load_model
@@ -39,12 +40,15 @@ class Predictor:
     entropy the uncertainty.
     channels_last: run the network in channels-last layout (NHWC), 1.2-1.3x the slices/s of NCHW for
     every model on the benchmark CPU (docs/benchmarks.md, fast paths).
+    scales: in-plane zoom factors whose softmax is averaged too (``(1.0,)``: the slices as they are); a
+    slice is resized by each (bilinear), predicted, and its probabilities resized back.
     """
 
     def __init__(self, model: torch.nn.Module, preprocessor: Preprocessor, *, device: str = "cpu",
                  precision: str = "32", batch_size: int = 16, tta_transforms: Sequence[Dihedral] = (IDENTITY,),
                  mc_samples: int = 0, postprocess: str | None = None, num_classes: int = 4, keep_probs: bool = False,
-                 memory_budget_mb: float | None = None, channels_last: bool = True):
+                 memory_budget_mb: float | None = None, channels_last: bool = True,
+                 scales: Sequence[float] = (1.0,)):
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"precision={precision}: valid values are {', '.join(PRECISIONS)}")
         if postprocess not in (None, "none", "lcc"):
@@ -58,6 +62,9 @@ class Predictor:
         self.autocast_dtype = PRECISIONS[str(precision)]
         self.batch_size = batch_size
         self.tta_transforms = tuple(tta_transforms) or (IDENTITY,)
+        self.scales = tuple(float(scale) for scale in scales) or (1.0,)
+        if not all(0.25 <= scale <= 4 for scale in self.scales):
+            raise ConfigError(f"scales={list(scales)}: zoom factors must lie between 0.25 and 4")
         self.mc_samples = int(mc_samples)
         self.postprocess = postprocess if postprocess != "none" else None
         self.num_classes = num_classes
@@ -73,15 +80,23 @@ class Predictor:
     def _probabilities(self, slices: torch.Tensor) -> torch.Tensor:
         """Softmax ``(B, C, H, W)`` float32 of slices ``(B, 1, H, W)``, averaged over TTA and MC passes."""
         passes = max(self.mc_samples, 1)
+        size = slices.shape[-2:]
+        min_size = getattr(self.model, "min_size", 1)
         total = None
         for _ in range(passes):
-            for transform in self.tta_transforms:
-                x = transform.apply(slices).contiguous(memory_format=self.memory_format)
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                    logits = self.model(x)
-                probs = transform.invert(logits.float().softmax(1))
-                total = probs if total is None else total + probs
-        return total / (passes * len(self.tta_transforms))
+            for scale in self.scales:
+                zoomed = slices if scale == 1 else F.interpolate(
+                    slices, size=[max(min_size, round(n * scale)) for n in size], mode="bilinear", align_corners=False)
+                for transform in self.tta_transforms:
+                    x = transform.apply(zoomed).contiguous(memory_format=self.memory_format)
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                        enabled=self.autocast_dtype is not None):
+                        logits = self.model(x)
+                    probs = transform.invert(logits.float().softmax(1))
+                    if scale != 1:
+                        probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+                    total = probs if total is None else total + probs
+        return total / (passes * len(self.scales) * len(self.tta_transforms))
 
     def predict(self, volume: Volume, progress: Progress | None = None, task=None) -> dict[str, np.ndarray]:
         """``{"labels": (X, Y, Z) uint8, "probs": (C, X, Y, Z) float32 (if kept), "entropy": (X, Y, Z)}``.
