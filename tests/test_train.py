@@ -242,6 +242,8 @@ def test_acdc_recipe_trains_on_tiny_data(compose_cfg, tmp_path, synthetic_root):
                        "data.augment_margin=8", "debug=fast_dev_run"])
     assert cfg.data.foreground_fraction and cfg.data.target_spacing is None
     assert any("VerticalFlip" in t["_target_"] for t in cfg.data.augmentation.transforms)
+    # every non-test patient trains; the model is the last epoch's weight average
+    assert cfg.data.val_fraction == 0 and cfg.task.segment.monitor is None and "weight_averaging" in cfg.callbacks
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
