@@ -69,7 +69,7 @@ def test_predict_segments_a_4d_series_into_a_4d_mask_with_its_cycle(trained_ckpt
     nib.save(ref, tree / "patient001_frame01.nii.gz")  # a 3D frame beside it is predicted as before
     out = tmp_path / "pred"
     result = run_cli(["-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={tmp_path / 'tree'}",
-                      f"output={out}", "cine=true", "tta=false"])
+                      f"output={out}", "cine=true", "tta=false", "scales=[1.0]"])
     assert result.returncode == 0, result.stderr[-3000:]
     mask = nib.load(out / "patient001" / "patient001_4d_pred.nii.gz")
     assert mask.shape == images.shape and mask.get_data_dtype() == np.uint8

@@ -239,7 +239,8 @@ def test_out_of_memory_gives_the_batch_size_hint_and_the_budget_avoids_it(traine
     image = tmp_path / "large.nii.gz"
     nib.save(nib.Nifti1Image(data, np.diag([*spacing, 8.0, 1.0])), image)
     env = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
-    args = ["-c", _CAPPED_PREDICT, "700", f"ckpt={trained_ckpt}", f"input={image}"]
+    # one scale: the cap is sized for 1024x1024 passes (scales=[1.0,1.25] would add a 1280x1280 one)
+    args = ["-c", _CAPPED_PREDICT, "700", f"ckpt={trained_ckpt}", f"input={image}", "scales=[1.0]"]
     result = run_cli([*args, f"output={tmp_path / 'oom'}", "batch_size=8"], env=env)
     _assert_one_line_error(result, str(image), "out of memory", "lower batch_size (now 8)")
     assert not (tmp_path / "oom").exists() or not list((tmp_path / "oom").rglob("*.nii.gz"))
