@@ -23,6 +23,7 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(BIN)/ruff check seg_densenet tests benchmarks
+	$(BIN)/ruff format --check seg_densenet tests benchmarks
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -94,7 +94,12 @@ def run(plan: DataPlan, device: torch.device, log: Callable[[str], None] = print
             for name, s in _configs(device).items()
         }
         results = interleave(
-            calls, items, device, warmup=plan.warmup, repeats=plan.repeats, settings=settings,
+            calls,
+            items,
+            device,
+            warmup=plan.warmup,
+            repeats=plan.repeats,
+            settings=settings,
             untimed_in_thread=False,
         )
         del calls, loader, dm  # ends the persistent workers before their folder goes

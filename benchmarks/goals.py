@@ -140,8 +140,14 @@ def _fc103_memory(fc: Mapping) -> dict:
     return _goal("fc103_memory", text, f"{m:.2f}x", m <= 0.5, note, _off_setting(plain, 8, 224))
 
 
-def _volume_goal(volume: Mapping, gid: str, name: str, target: float | None, threads: int | None,
-                 ceiling: Mapping | None = None) -> dict:
+def _volume_goal(
+    volume: Mapping,
+    gid: str,
+    name: str,
+    target: float | None,
+    threads: int | None,
+    ceiling: Mapping | None = None,
+) -> dict:
     """Whole-volume latency of model ``name`` (fastest layout), against ``target`` seconds if given; with
     the suite's ``ceiling``, whether the target is reachable at all on the machine (the physics)."""
     text = f"{name} inference of a 10-slice 256x216 volume on 2 CPU cores, no TTA, model loaded" + (
@@ -172,7 +178,9 @@ def _volume_goal(volume: Mapping, gid: str, name: str, target: float | None, thr
 
 def _best(group: Mapping, prefix: str = "") -> tuple[str, dict] | None:
     """The measured configuration of ``group`` (whose name starts with ``prefix``) with most items/s."""
-    measured = [(n, c) for n, c in group.items() if n.startswith(prefix) and isinstance(c, Mapping) and not _ok(c)]
+    measured = [
+        (n, c) for n, c in group.items() if n.startswith(prefix) and isinstance(c, Mapping) and not _ok(c)
+    ]
     return max(measured, key=lambda nc: nc[1]["items_per_s"]) if measured else None
 
 
@@ -184,16 +192,23 @@ def _off_slice_size(config: Mapping, size: int = 224) -> str | None:
 
 def _ceiling_goal(throughput: Mapping, volume: Mapping, ceiling: Mapping) -> dict:
     """Every model's best inference configuration at >= 50 % of the fp32 convolution ceiling."""
-    text = "Every model's inference at >= 50% of the machine's fp32 3x3-convolution ceiling (best configuration)"
+    text = (
+        "Every model's inference at >= 50% of the machine's fp32 3x3-convolution ceiling (best configuration)"
+    )
     peak = ceiling.get("fp32", {}).get("gflop_per_s")
     if not peak:
-        return _missing("ceiling_share", text, "no ceiling in the infer suite (measured since the roofline was added)")
+        return _missing(
+            "ceiling_share", text, "no ceiling in the infer suite (measured since the roofline was added)"
+        )
     shares, off = {}, None
     for name, group in throughput.items():
         rows = [(n, c) for n, c in group.items() if "bf16" not in n]  # bf16 rows hold against bf16's ceiling
         rows += [(n, c) for n, c in volume.items() if n.startswith(f"{name} ")]
-        rated = [(c["gflop_per_item"] * c["items_per_s"], n) for n, c in rows
-                 if isinstance(c, Mapping) and not _ok(c) and c.get("gflop_per_item")]
+        rated = [
+            (c["gflop_per_item"] * c["items_per_s"], n)
+            for n, c in rows
+            if isinstance(c, Mapping) and not _ok(c) and c.get("gflop_per_item")
+        ]
         if rated:
             rate, config = max(rated)
             shares[name] = (100.0 * rate / peak, config)
@@ -207,7 +222,9 @@ def _ceiling_goal(throughput: Mapping, volume: Mapping, ceiling: Mapping) -> dic
 
 def _dense_unet_vs_smp_latency(throughput: Mapping) -> dict:
     """Our DenseUNet's latency per slice at <= 0.5x smp Unet(densenet121)'s, each in its fastest configuration."""
-    text = "DenseUNet inference latency at most 0.5x smp Unet(densenet121)'s, each in its fastest configuration"
+    text = (
+        "DenseUNet inference latency at most 0.5x smp Unet(densenet121)'s, each in its fastest configuration"
+    )
     ours, smp = _best(throughput.get("DenseUNet", {})), _best(throughput.get("smp Unet(densenet121)", {}))
     if ours is None or smp is None:
         return _missing("dense_unet_vs_smp_latency", text, "a model's throughput was not measured")
@@ -305,8 +322,14 @@ def _volume_layout_rows(volume: Mapping) -> list[dict]:
         torch_best = min((c["median_s"] for c in (eager, cl) if not _ok(c)), default=None)
         if ort and not _ok(ort) and torch_best:
             r = torch_best / ort["median_s"]
-            rows.append(_row("onnxruntime (`predict backend=onnxruntime`)", f"volume latency, {name}",
-                             f"{r:.2f}x faster than torch's fastest layout", _verdict(r)))
+            rows.append(
+                _row(
+                    "onnxruntime (`predict backend=onnxruntime`)",
+                    f"volume latency, {name}",
+                    f"{r:.2f}x faster than torch's fastest layout",
+                    _verdict(r),
+                )
+            )
     return rows
 
 

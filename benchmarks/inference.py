@@ -157,7 +157,9 @@ def throughput_group(name: str, plan: InferPlan, device: torch.device) -> dict:
         return None
 
     gflop = per_item(forward_gflop(model, (1, 1, plan.size, plan.size)))
-    settings = {c: {"batch": plan.batch, "size": [plan.size, plan.size], "gflop_per_item": gflop} for c in calls}
+    settings = {
+        c: {"batch": plan.batch, "size": [plan.size, plan.size], "gflop_per_item": gflop} for c in calls
+    }
     settings["bf16 autocast"]["pilot_slowdown"] = round(slowdown, 2)
     results = interleave(
         calls,
@@ -211,12 +213,23 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
                 if device.type != "cpu" or importlib.util.find_spec("onnxruntime") is None:
                     continue
                 net = _onnxruntime_model(net, (x_size, y_size))
-            predictor = Predictor(net, preprocessor, device=str(device), batch_size=n_slices,
-                                  channels_last=variant == "channels_last")
-            if variant == "eager":  # the network's FLOPs at the size the predictor feeds it (padding included)
+            predictor = Predictor(
+                net,
+                preprocessor,
+                device=str(device),
+                batch_size=n_slices,
+                channels_last=variant == "channels_last",
+            )
+            if (
+                variant == "eager"
+            ):  # the network's FLOPs at the size the predictor feeds it (padding included)
                 gflop = per_item(_predictor_gflop(predictor, volume), n_slices)
             calls[f"{name} {variant}"] = lambda p=predictor: p.predict(volume)
-            settings[f"{name} {variant}"] = {"volume_shape": list(plan.volume_shape), "tta": False, "gflop_per_item": gflop}
+            settings[f"{name} {variant}"] = {
+                "volume_shape": list(plan.volume_shape),
+                "tta": False,
+                "gflop_per_item": gflop,
+            }
     results = summaries(
         interleave(
             calls,
@@ -245,7 +258,9 @@ def _onnxruntime_model(net: nn.Module, image_size: tuple[int, int]) -> nn.Module
     from seg_densenet.backends import OnnxRuntimeModel
     from seg_densenet.export import write_onnx
 
-    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as folder:  # the session holds the model once built
+    with tempfile.TemporaryDirectory(
+        prefix="bench-onnx-"
+    ) as folder:  # the session holds the model once built
         path = Path(folder) / "model.onnx"
         write_onnx(net.eval(), path, 1, image_size)
         return OnnxRuntimeModel(path, min_size=getattr(net, "min_size", 1), threads=torch.get_num_threads())

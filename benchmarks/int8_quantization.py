@@ -37,7 +37,9 @@ CALIBRATION_SIZE = 192
 
 def frames(root: Path, patient: str) -> list[Path]:
     """The patient's image frames (not the ground truth, not the 4D series)."""
-    return sorted(p for p in (root / patient).glob(f"{patient}_frame*.nii.gz") if not p.name.endswith("_gt.nii.gz"))
+    return sorted(
+        p for p in (root / patient).glob(f"{patient}_frame*.nii.gz") if not p.name.endswith("_gt.nii.gz")
+    )
 
 
 def calibration_slices(root: Path, patients: list[str], preprocessor, n: int) -> list[np.ndarray]:
@@ -85,7 +87,9 @@ def quantize(fp32: Path, out: Path, slices: list[np.ndarray], method: str) -> fl
     return time.perf_counter() - start
 
 
-def accuracy(predictors: dict[str, Predictor], root: Path, patients: list[str], structures: dict[str, int]) -> dict:
+def accuracy(
+    predictors: dict[str, Predictor], root: Path, patients: list[str], structures: dict[str, int]
+) -> dict:
     """Mean volume Dice per model over the patients' frames, and the share of voxels labelled alike."""
     scores = {name: [] for name in predictors}
     same = []
@@ -140,7 +144,12 @@ def main() -> None:
         for name, path in (("fp32", fp32), ("int8", int8))
     }  # fmt: skip
     seconds = latency(predictors, frames(args.data, split["test"][0])[0], args.repeats)
-    print("one volume, median of", args.repeats, {k: f"{v:.3f} s" for k, v in seconds.items()}, f"{threads} threads")
+    print(
+        "one volume, median of",
+        args.repeats,
+        {k: f"{v:.3f} s" for k, v in seconds.items()},
+        f"{threads} threads",
+    )
     result = accuracy(predictors, args.data, split["test"], label_set.structures)
     print(f"{result['volumes']} test volumes: mean Dice", {k: f"{v:.4f}" for k, v in result["dice"].items()},
           f"labels equal on {result['same_label_pct']:.3f} % of voxels")  # fmt: skip

@@ -277,8 +277,19 @@ def _slug(text: str) -> str:
 
 
 # the CPU features that decide which kernels run: vector width, fused multiply-add, int8 and bf16 units
-CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-             "amx_int8", "amx_tile")
+CPU_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+    "amx_tile",
+)
 
 
 def cpu_flags() -> list[str]:

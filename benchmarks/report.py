@@ -124,8 +124,14 @@ def _ceiling_section(suites: Mapping) -> list[str]:
             continue
         fp32, bf16 = c["fp32"], c.get("bf16", {})
         layouts = fp32["layouts_gflop_per_s"]
-        shape = f"{fp32['batch']}x{fp32['channels']}x{fp32['size']}x{fp32['size']}, {fp32['channels']} filters"
-        bf16_text = bf16["gflop_per_s"] if bf16.get("status") == "ok" else f"{bf16.get('status')}: {bf16.get('reason', '')}"
+        shape = (
+            f"{fp32['batch']}x{fp32['channels']}x{fp32['size']}x{fp32['size']}, {fp32['channels']} filters"
+        )
+        bf16_text = (
+            bf16["gflop_per_s"]
+            if bf16.get("status") == "ok"
+            else f"{bf16.get('status')}: {bf16.get('reason', '')}"
+        )
         rows.append([name, shape, layouts.get("NCHW"), layouts.get("NHWC"), fp32["gflop_per_s"], bf16_text])
     if not rows:
         return []
@@ -139,8 +145,17 @@ def _ceiling_section(suites: Mapping) -> list[str]:
         "(`torch.utils.flop_counter` on the `meta` device; a multiply-add is 2 FLOPs; training: forward and "
         "backward of the plain network), its GFLOP/s and its share of the ceiling.",
         "",
-        _table(["suite", "convolution (batch x channels x H x W)", "fp32 NCHW GFLOP/s", "fp32 NHWC GFLOP/s",
-                "fp32 ceiling", "bf16 ceiling"], rows),
+        _table(
+            [
+                "suite",
+                "convolution (batch x channels x H x W)",
+                "fp32 NCHW GFLOP/s",
+                "fp32 NHWC GFLOP/s",
+                "fp32 ceiling",
+                "bf16 ceiling",
+            ],
+            rows,
+        ),
     ]
 
 
@@ -309,8 +324,12 @@ def _training_section(t: Mapping) -> list[str]:
         f"{plan['size']}x{plan['size']}, 3 channels, 1000 classes, same weights; segmentation: 1 channel, 4 classes."
     )
     for title, group, reference in TRAINING_GROUPS:
-        out += ["", f"{title} (ratios against {reference}):", "",
-                _group_table(t[group], reference, "images", t.get("ceiling"))]
+        out += [
+            "",
+            f"{title} (ratios against {reference}):",
+            "",
+            _group_table(t[group], reference, "images", t.get("ceiling")),
+        ]
     return out
 
 

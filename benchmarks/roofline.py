@@ -58,7 +58,10 @@ def conv_ceiling(device: torch.device, plan: CeilingPlan, dtype: torch.dtype = t
     gflop = 2 * plan.batch * plan.channels**2 * 9 * plan.size**2 / 1e9
     layouts = {
         "NCHW": (conv, x),
-        "NHWC": (copy.deepcopy(conv).to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)),
+        "NHWC": (
+            copy.deepcopy(conv).to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
     with torch.inference_mode():

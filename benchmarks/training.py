@@ -117,7 +117,12 @@ def run_group(
     distinct = {repr(m): m for m, _ in models.values()}
     gflop = {key: per_item(training_gflop(m, tuple(x.shape)), x.shape[0]) for key, m in distinct.items()}
     settings = {
-        name: {"batch": x.shape[0], "size": list(x.shape[-2:]), "memory_efficient": me, "gflop_per_item": gflop[repr(model)]}
+        name: {
+            "batch": x.shape[0],
+            "size": list(x.shape[-2:]),
+            "memory_efficient": me,
+            "gflop_per_item": gflop[repr(model)],
+        }
         for name, (model, me) in models.items()
     }
     results = interleave(

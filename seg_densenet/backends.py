@@ -81,8 +81,12 @@ def resolve_backend(backend: str, device: str, precision: str, mc_samples: int) 
     if backend == "auto":
         return "onnxruntime" if eligible and installed else "torch"
     if backend == "onnxruntime" and not eligible:
-        raise ConfigError(f"backend=onnxruntime runs on the CPU in fp32 without MC dropout; got device={device}, "
-                          f"precision={precision}, mc_samples={mc_samples} (use backend=torch)")
+        raise ConfigError(
+            f"backend=onnxruntime runs on the CPU in fp32 without MC dropout; got device={device}, "
+            f"precision={precision}, mc_samples={mc_samples} (use backend=torch)"
+        )
     if backend == "onnxruntime" and not installed:
-        raise ConfigError("backend=onnxruntime: onnxruntime is not installed (pip install 'seg-densenet[export]')")
+        raise ConfigError(
+            "backend=onnxruntime: onnxruntime is not installed (pip install 'seg-densenet[export]')"
+        )
     return backend

@@ -66,7 +66,11 @@ def load_state_dict_strict(model: nn.Module, state: dict, path: str | Path) -> N
     unexpected = [k for k in state if k not in expected]
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
-        parts = [_listing("missing", missing), _listing("unexpected", unexpected), _listing("wrong-shape", shapes)]
+        parts = [
+            _listing("missing", missing),
+            _listing("unexpected", unexpected),
+            _listing("wrong-shape", shapes),
+        ]
         raise CheckpointError(
             f"{path}: weights do not fit {type(model).__name__}: " + "; ".join(p for p in parts if p)
         )

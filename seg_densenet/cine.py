@@ -28,13 +28,19 @@ def frame(volume: Volume, t: int) -> Volume:
     return dataclasses.replace(volume, data=np.ascontiguousarray(volume.data[..., t]))
 
 
-def volume_curves(labels: np.ndarray, spacing: Sequence[float], structures: Mapping[str, int]) -> dict[str, np.ndarray]:
+def volume_curves(
+    labels: np.ndarray, spacing: Sequence[float], structures: Mapping[str, int]
+) -> dict[str, np.ndarray]:
     """``{structure: (T,) ml}`` of a 4D label map ``(X, Y, Z, T)`` with voxel ``spacing`` (mm);
     ``structures``: name -> class value (the checkpoint's label set, which must have an ``LV``: ED and ES
     come from its curve)."""
     if "LV" not in structures:
-        raise ConfigError(f"cine: ED and ES come from the LV cavity's volume curve; the model's labels {list(structures)} have no LV")
-    per_frame = [structure_volumes_ml(labels[..., t], spacing[:3], structures) for t in range(labels.shape[-1])]
+        raise ConfigError(
+            f"cine: ED and ES come from the LV cavity's volume curve; the model's labels {list(structures)} have no LV"
+        )
+    per_frame = [
+        structure_volumes_ml(labels[..., t], spacing[:3], structures) for t in range(labels.shape[-1])
+    ]
     return {name: np.array([v[name] for v in per_frame]) for name in structures}
 
 
@@ -51,11 +57,18 @@ def ed_es_frames(lv_ml: np.ndarray, named: Sequence[int] | None = None) -> tuple
 
 def cycle_summary(curves: dict[str, np.ndarray], ed: int, es: int, named: bool) -> dict:
     """ED/ES (1-based), how they were chosen, and the clinical indices at those frames (ml, %, g)."""
-    indices = indices_from_volumes({k: float(v[ed]) for k, v in curves.items()},
-                                   {k: float(v[es]) for k, v in curves.items()})
-    return {"frames": len(curves["LV"]), "ED_frame": ed + 1, "ES_frame": es + 1,
-            "chosen_by": "user (cine_frames)" if named else "LV cavity volume curve (largest = ED, smallest = ES)",
-            **{k: round(v, 3) for k, v in indices.items()}}
+    indices = indices_from_volumes(
+        {k: float(v[ed]) for k, v in curves.items()}, {k: float(v[es]) for k, v in curves.items()}
+    )
+    return {
+        "frames": len(curves["LV"]),
+        "ED_frame": ed + 1,
+        "ES_frame": es + 1,
+        "chosen_by": "user (cine_frames)"
+        if named
+        else "LV cavity volume curve (largest = ED, smallest = ES)",
+        **{k: round(v, 3) for k, v in indices.items()},
+    }
 
 
 def write_cycle_reports(stem_path: Path, curves: dict[str, np.ndarray], summary: dict) -> list[Path]:
@@ -88,7 +101,12 @@ def _plot(path: Path, curves: dict[str, np.ndarray], summary: dict) -> None:
         ax.axvline(summary[key], color="black", ls=style, lw=1, label=f"{key[:2]} (frame {summary[key]})")
     ax.set_xlabel("frame")
     ax.set_ylabel("volume (ml)")
-    ax.set_title(", ".join(f"{name}EF {summary[f'{name}_EF_pct']:.1f} %" for name in ("LV", "RV")
-                           if f"{name}_EF_pct" in summary))
+    ax.set_title(
+        ", ".join(
+            f"{name}EF {summary[f'{name}_EF_pct']:.1f} %"
+            for name in ("LV", "RV")
+            if f"{name}_EF_pct" in summary
+        )
+    )
     ax.legend(fontsize=8)
     save_png(fig, path)

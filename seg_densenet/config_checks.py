@@ -70,7 +70,9 @@ def number_in(low: float, high: float, *, high_open: bool = False) -> tuple[Chec
 
 
 def one_of(*values: Any) -> tuple[Check, str]:
-    shown = ", ".join("null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+    shown = ", ".join(
+        "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in values
+    )
     return (lambda v: any(v == x and type(v) is type(x) for x in values)), f"one of {shown}"
 
 
@@ -99,7 +101,9 @@ def list_of(check: tuple[Check, str]) -> tuple[Check, str]:
     )
 
 
-SCALES = list_of(number_in(0.25, 4))
+SCALE_LIMITS = (0.25, 4.0)
+"""Smallest and largest in-plane zoom of multi-scale TTA (``scales``), checked here and by the Predictor."""
+SCALES = list_of(number_in(*SCALE_LIMITS))
 
 
 def existing_file() -> tuple[Check, str]:
@@ -110,7 +114,11 @@ def existing_files() -> tuple[Check, str]:
     """One existing file, or a non-empty list of them (an ensemble of checkpoints)."""
     one = existing_file()[0]
     return (
-        (lambda v: one(v) or (isinstance(v, list | tuple | ListConfig) and len(v) > 0 and all(one(x) for x in v))),
+        (
+            lambda v: (
+                one(v) or (isinstance(v, list | tuple | ListConfig) and len(v) > 0 and all(one(x) for x in v))
+            )
+        ),
         "an existing file or a list [a, b, ...] of existing files",
     )
 
@@ -165,13 +173,19 @@ def _label_set(v: Any) -> bool:
 
 
 def _int_map(check_key: Check, check_value: Check) -> Check:
-    return lambda v: isinstance(v, Mapping) and bool(v) and all(check_key(k) and check_value(x) for k, x in v.items())
+    return lambda v: (
+        isinstance(v, Mapping) and bool(v) and all(check_key(k) and check_value(x) for k, x in v.items())
+    )
 
 
 STRUCTURES = (_label_set, "a list of distinct structure names in class-value order, e.g. [RV, MYO, LV]")
 LABEL_VALUES = (
-    (lambda v: _int_map(lambda k: isinstance(k, str), lambda x: _is_int(x) and x > 0)(v)
-     and len(set(v.values())) == len(v)),
+    (
+        lambda v: (
+            _int_map(lambda k: isinstance(k, str), lambda x: _is_int(x) and x > 0)(v)
+            and len(set(v.values())) == len(v)
+        )
+    ),
     "structure names mapped to distinct label values > 0, e.g. {RV: 1, MYO: 2, LV: 3}",
 )
 LABEL_MAPPING = (
@@ -226,8 +240,25 @@ _TRAINER = [
     rule("trainer.accumulate_grad_batches", int_at_least(1)),
     rule("trainer.num_sanity_val_steps", int_at_least(-1)),
     rule("trainer.gradient_clip_val", number_at_least(0), nullable=True),
-    rule("trainer.precision", one_of("32-true", "32", 32, "bf16-mixed", "16-mixed", "bf16-true", "16-true",
-                                     "64-true", "64", 64, "bf16", "16", 16, "transformer-engine")),
+    rule(
+        "trainer.precision",
+        one_of(
+            "32-true",
+            "32",
+            32,
+            "bf16-mixed",
+            "16-mixed",
+            "bf16-true",
+            "16-true",
+            "64-true",
+            "64",
+            64,
+            "bf16",
+            "16",
+            16,
+            "transformer-engine",
+        ),
+    ),
 ]
 _TASK = [
     rule("task.segment.max_epochs", int_at_least(1)),
@@ -253,7 +284,11 @@ _MODEL = [
     rule("model.weights", WEIGHTS, nullable=True),
 ]
 _TRAIN = [
-    *_DATA, *_OPTIM, *_TRAINER, *_TASK, *_MODEL,
+    *_DATA,
+    *_OPTIM,
+    *_TRAINER,
+    *_TASK,
+    *_MODEL,
     rule("seed", int_at_least(0), nullable=True),
     rule("test", BOOLEAN),
     rule("channels_last", BOOLEAN),
@@ -377,9 +412,14 @@ def _check_training(cfg: DictConfig) -> None:
     weights = _value(cfg, "task.segment.module.class_weights")
     classes = _value(cfg, "data.num_classes")
     if weights not in (None, _ABSENT) and "segment" in (_value(cfg, "task.stages") or []):
-        if not (isinstance(weights, list) and all(_is_number(w) and w >= 0 for w in weights)
-                and (not _is_int(classes) or len(weights) == classes)):
-            raise bad_option("task.segment.module.class_weights", weights, f"a list of {classes} numbers >= 0, or null")
+        if not (
+            isinstance(weights, list)
+            and all(_is_number(w) and w >= 0 for w in weights)
+            and (not _is_int(classes) or len(weights) == classes)
+        ):
+            raise bad_option(
+                "task.segment.module.class_weights", weights, f"a list of {classes} numbers >= 0, or null"
+            )
     _check_augmentation(cfg)
     _check_input_size(cfg)
     ckpt = _value(cfg, "ckpt_path")
@@ -420,7 +460,9 @@ def _check_input_size(cfg: DictConfig) -> None:
     for key, value in sizes:
         if min(value) < minimum:
             name = model_label(_value(cfg, "model"))
-            raise bad_option(key, value, f"at least [{minimum}, {minimum}] for model {name} (its smallest input)")
+            raise bad_option(
+                key, value, f"at least [{minimum}, {minimum}] for model {name} (its smallest input)"
+            )
 
 
 def model_label(model_cfg: Mapping[str, Any]) -> str:
@@ -451,6 +493,7 @@ def model_min_size(cfg: DictConfig) -> int:
         from seg_densenet.utils.cli import user_error
 
         cause = user_error(exc) or exc
-        raise ConfigError(f"model {model_label(model_cfg)}: cannot be built: "
-                          f"{' '.join(str(cause).split())}") from exc
+        raise ConfigError(
+            f"model {model_label(model_cfg)}: cannot be built: {' '.join(str(cause).split())}"
+        ) from exc
     return int(getattr(net, "min_size", 1))

@@ -92,15 +92,21 @@ def evaluate_folders(
     if make_plots:
         _write_plots(output, frames, metric_rows, clinical_rows, labels, mapping, warn)
         strips = _case_strips(frames, labels, mapping)
-        figures = {png.stem.replace("_", " "): png.read_bytes() for png in sorted(output.glob("*.png"))
-                   if not png.name.startswith("overlay_")}
-    write_html_report(output / "report.html", markdown, metric_rows, clinical_rows, list(labels), strips, figures)
+        figures = {
+            png.stem.replace("_", " "): png.read_bytes()
+            for png in sorted(output.glob("*.png"))
+            if not png.name.startswith("overlay_")
+        }
+    write_html_report(
+        output / "report.html", markdown, metric_rows, clinical_rows, list(labels), strips, figures
+    )
     _print_table(stats, output)
     return summary
 
 
-def _score_frames(frames: list[FramePair], labels: dict[str, int], mapping: dict[int, int] | None,
-                  console: Console) -> tuple[list[dict], dict[tuple[str, str], dict[str, dict[str, float]]]]:
+def _score_frames(
+    frames: list[FramePair], labels: dict[str, int], mapping: dict[int, int] | None, console: Console
+) -> tuple[list[dict], dict[tuple[str, str], dict[str, dict[str, float]]]]:
     """Metric rows (one per frame and structure) and structure volumes ``{(case, stem): {"gt"|"pred":
     {structure: ml}}}`` of every frame, with a progress bar."""
     metric_rows: list[dict] = []
@@ -115,8 +121,16 @@ def _score_frames(frames: list[FramePair], labels: dict[str, int], mapping: dict
             progress.update(task, description=frame.stem)
             gt_vol, pred_vol = _load_pair(frame, labels, mapping)
             per_structure = label_metrics(pred_vol.data, gt_vol.data, gt_vol.spacing, labels)
-            metric_rows += [{"case": frame.case, "phase": frame.phase, "structure": structure, **values,
-                             "stem": frame.stem} for structure, values in per_structure.items()]
+            metric_rows += [
+                {
+                    "case": frame.case,
+                    "phase": frame.phase,
+                    "structure": structure,
+                    **values,
+                    "stem": frame.stem,
+                }
+                for structure, values in per_structure.items()
+            ]
             volumes[(frame.case, frame.stem)] = {
                 "gt": structure_volumes_ml(gt_vol.data, gt_vol.spacing, labels),
                 "pred": structure_volumes_ml(pred_vol.data, gt_vol.spacing, labels),
@@ -136,7 +150,9 @@ def evaluate(cfg: DictConfig) -> dict:
         source = images if cfg.ckpt is not None else gt
         if source is None:
             raise ConfigError("split: needs the case folders, input=DIR (with ckpt=) or gt=DIR")
-        cases = _link_cases(Path(source), split_patients(cfg.split, cfg.subset), output / f"{cfg.subset}_cases")
+        cases = _link_cases(
+            Path(source), split_patients(cfg.split, cfg.subset), output / f"{cfg.subset}_cases"
+        )
         if cfg.ckpt is not None:
             images = cases  # the ground truth defaults to the images below
         else:
@@ -152,7 +168,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
         pred = output / "predictions"
         options = OmegaConf.to_container(cfg.predict_options, resolve=True) or {}
-        nnunet = (Path(images) / "dataset.json").is_file()  # an nnU-Net raw dataset: its images are in imagesTr/
+        nnunet = (Path(images) / "dataset.json").is_file()  # an nnU-Net raw dataset: images in imagesTr/
         predict_tree(cfg.ckpt, Path(images) / "imagesTr" if nnunet else images, pred, **options)
         gt = gt if gt is not None else images
     if pred is None:
@@ -160,13 +176,17 @@ def evaluate(cfg: DictConfig) -> dict:
     if gt is None:
         raise ConfigError("gt: set gt=DIR, the ACDC-layout ground truth (<case>/<stem>_gt.nii.gz)")
     labels, mapping = _labels_and_mapping(cfg)
-    return evaluate_folders(pred, gt, output, labels, bool(cfg.allow_missing), bool(cfg.plots), label_mapping=mapping)
+    return evaluate_folders(
+        pred, gt, output, labels, bool(cfg.allow_missing), bool(cfg.plots), label_mapping=mapping
+    )
 
 
 def _labels_and_mapping(cfg: DictConfig) -> tuple[dict[str, int], dict[int, int] | None]:
     """``labels`` and ``label_mapping`` as set, else the checkpoint's (with ``ckpt=``), else ACDC's and none."""
     labels = OmegaConf.to_container(cfg.labels, resolve=True) if cfg.labels is not None else None
-    mapping = OmegaConf.to_container(cfg.label_mapping, resolve=True) if cfg.label_mapping is not None else None
+    mapping = (
+        OmegaConf.to_container(cfg.label_mapping, resolve=True) if cfg.label_mapping is not None else None
+    )
     if cfg.ckpt is not None:
         from seg_densenet.checkpoint import read_checkpoint
 
@@ -239,9 +259,13 @@ def main() -> None:
 
 def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(labels, Mapping) or not labels:
-        raise ConfigError(f"labels: expected structure names mapped to label values, e.g. {ACDC_STRUCTURES}, got {labels}")
+        raise ConfigError(
+            f"labels: expected structure names mapped to label values, e.g. {ACDC_STRUCTURES}, got {labels}"
+        )
     values = list(labels.values())
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) or len(set(values)) != len(values):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) or len(
+        set(values)
+    ) != len(values):
         raise ConfigError(f"labels: label values must be distinct positive integers, got {dict(labels)}")
     return {str(k): int(v) for k, v in labels.items()}
 
@@ -249,11 +273,17 @@ def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
 def _check_label_mapping(mapping: Mapping | None, labels: Mapping[str, int]) -> dict[int, int] | None:
     if mapping is None:
         return None
-    if not isinstance(mapping, Mapping) or not all(isinstance(k, int) and isinstance(v, int) for k, v in mapping.items()):
-        raise ConfigError(f"label_mapping: expected ground-truth value -> label value integers, got {mapping}")
+    if not isinstance(mapping, Mapping) or not all(
+        isinstance(k, int) and isinstance(v, int) for k, v in mapping.items()
+    ):
+        raise ConfigError(
+            f"label_mapping: expected ground-truth value -> label value integers, got {mapping}"
+        )
     allowed = {0, *labels.values()}
     if not set(mapping.values()) <= allowed or any(k < 0 for k in mapping):
-        raise ConfigError(f"label_mapping: targets must be 0 or values of labels {dict(labels)}, got {dict(mapping)}")
+        raise ConfigError(
+            f"label_mapping: targets must be 0 or values of labels {dict(labels)}, got {dict(mapping)}"
+        )
     return {int(k): int(v) for k, v in mapping.items()}
 
 
@@ -265,8 +295,9 @@ def _check_output(output: Path, frames: list[FramePair]) -> None:
         raise DataError(f"{output}: output exists and is not a folder")
 
 
-def _load_pair(frame: FramePair, labels: Mapping[str, int], mapping: Mapping[int, int] | None
-               ) -> tuple[Volume, Volume]:
+def _load_pair(
+    frame: FramePair, labels: Mapping[str, int], mapping: Mapping[int, int] | None
+) -> tuple[Volume, Volume]:
     """Ground truth (mapped to the predictions' values by ``mapping``, if any) and prediction of a frame,
     checked for label values and equal geometry."""
     allowed = {0, *labels.values()}
@@ -345,15 +376,19 @@ def _write_plots(output: Path, frames, metric_rows, clinical_rows, labels, mappi
         )
 
 
-def _case_strips(frames: list[FramePair], labels: dict[str, int], mapping: dict[int, int] | None) -> dict[str, bytes]:
+def _case_strips(
+    frames: list[FramePair], labels: dict[str, int], mapping: dict[int, int] | None
+) -> dict[str, bytes]:
     """The overlay strip (ED and ES) of every case whose image files are there, as PNG bytes."""
     from seg_densenet.evaluation import plots
 
     strips = {}
     for case in sorted({f.case for f in frames}):
         phases = {}
-        for frame in sorted((f for f in frames if f.case == case), key=lambda f: PHASES.index(f.phase)
-                            if f.phase in PHASES else len(PHASES)):
+        for frame in sorted(
+            (f for f in frames if f.case == case),
+            key=lambda f: PHASES.index(f.phase) if f.phase in PHASES else len(PHASES),
+        ):
             if not frame.image_path.is_file():
                 continue
             gt_vol, pred_vol = _load_pair(frame, labels, mapping)

@@ -34,7 +34,9 @@ from seg_densenet.utils.cli import check_overrides, run_cli
 FORMATS = ("onnx",)
 
 
-def check_sizes(image_size: tuple[int, int], dynamic_size: bool, model: torch.nn.Module) -> list[tuple[int, ...]]:
+def check_sizes(
+    image_size: tuple[int, int], dynamic_size: bool, model: torch.nn.Module
+) -> list[tuple[int, ...]]:
     """Shapes ``(B, H, W)`` the exported graph is checked on: other batch sizes, and with a dynamic image
     size also a larger and a smaller, odd-sized image (multiples of 32 for smp's Unet)."""
     height, width = image_size
@@ -47,8 +49,15 @@ def check_sizes(image_size: tuple[int, int], dynamic_size: bool, model: torch.nn
     return shapes
 
 
-def write_onnx(model: torch.nn.Module, path: str | Path, in_channels: int, image_size=(224, 224), *,
-               opset: int = 18, dynamic_size: bool = True) -> None:
+def write_onnx(
+    model: torch.nn.Module,
+    path: str | Path,
+    in_channels: int,
+    image_size=(224, 224),
+    *,
+    opset: int = 18,
+    dynamic_size: bool = True,
+) -> None:
     """Export ``model`` (eval mode) to ONNX at ``path``: input ``image`` ``(B, C, H, W)``, output ``logits``,
     a dynamic batch and, with ``dynamic_size``, a dynamic height and width."""
     # batch 2: an example of size 1 would be specialised by the exporter
@@ -56,19 +65,38 @@ def write_onnx(model: torch.nn.Module, path: str | Path, in_channels: int, image
     if dynamic_size:
         axes = {0: "batch", 2: "height", 3: "width"}
         torch.onnx.export(
-            model, (example,), str(path), input_names=["image"], output_names=["logits"],
-            opset_version=opset, dynamo=False, dynamic_axes={"image": axes, "logits": axes},
+            model,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"image": axes, "logits": axes},
         )
     else:
         torch.onnx.export(
-            model, (example,), str(path), input_names=["image"], output_names=["logits"],
-            opset_version=opset, dynamo=True, external_data=False,
+            model,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
         )
 
 
-def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, image_size=(224, 224),
-                dynamic_size: bool = True, tolerance: float = 1e-4) -> float:
+def export_onnx(
+    ckpt: str | Path,
+    output: str | Path,
+    *,
+    opset: int = 18,
+    image_size=(224, 224),
+    dynamic_size: bool = True,
+    tolerance: float = 1e-4,
+) -> float:
     """Write ``output`` (ONNX) from a segmentation checkpoint; returns the checked max |difference|."""
     import onnxruntime as ort
 
@@ -90,12 +118,16 @@ def export_onnx(ckpt: str | Path, output: str | Path, *, opset: int = 18, image_
                 expected = model(x).numpy()
             got = session.run(None, {"image": x.numpy()})[0]
             if got.shape != expected.shape:
-                raise SegDenseNetError(f"{output}: ONNX check failed at input {tuple(x.shape)}: output shape "
-                                       f"{got.shape}, PyTorch gives {expected.shape}")
+                raise SegDenseNetError(
+                    f"{output}: ONNX check failed at input {tuple(x.shape)}: output shape "
+                    f"{got.shape}, PyTorch gives {expected.shape}"
+                )
             diff = max(diff, float(np.abs(got - expected).max()))
             if diff >= tolerance:
-                raise SegDenseNetError(f"{output}: ONNX check failed at input {tuple(x.shape)}: max difference "
-                                       f"{diff:.2e} to PyTorch (tolerance {tolerance:g})")
+                raise SegDenseNetError(
+                    f"{output}: ONNX check failed at input {tuple(x.shape)}: max difference "
+                    f"{diff:.2e} to PyTorch (tolerance {tolerance:g})"
+                )
     return diff
 
 
@@ -104,9 +136,19 @@ def _hydra_main(cfg: DictConfig) -> None:
     def run() -> None:
         if cfg.format not in FORMATS:
             raise ConfigError(f"format={cfg.format}: valid formats are {', '.join(FORMATS)}")
-        diff = export_onnx(cfg.ckpt, cfg.output, opset=cfg.opset, image_size=tuple(cfg.image_size),
-                           dynamic_size=cfg.dynamic_size, tolerance=cfg.tolerance)
-        size = "dynamic batch and image size" if cfg.dynamic_size else f"dynamic batch, image size {list(cfg.image_size)}"
+        diff = export_onnx(
+            cfg.ckpt,
+            cfg.output,
+            opset=cfg.opset,
+            image_size=tuple(cfg.image_size),
+            dynamic_size=cfg.dynamic_size,
+            tolerance=cfg.tolerance,
+        )
+        size = (
+            "dynamic batch and image size"
+            if cfg.dynamic_size
+            else f"dynamic batch, image size {list(cfg.image_size)}"
+        )
         print(f"wrote {cfg.output} ({size}; onnxruntime vs PyTorch: max difference {diff:.2e})")
 
     run_cli(run)

@@ -22,9 +22,23 @@ from seg_densenet.utils.cli import check_overrides, run_cli
 
 NOT_RECORDED = "not recorded in this checkpoint"
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_ARCHITECTURE_KEYS = ("encoder", "growth_rate", "block_config", "num_init_features", "bn_size", "compression",
-                      "decoder_layers", "decoder_growth_rate", "n_layers_per_block", "n_pool", "upsample",
-                      "input_skip", "drop_rate", "in_channels", "num_classes")
+_ARCHITECTURE_KEYS = (
+    "encoder",
+    "growth_rate",
+    "block_config",
+    "num_init_features",
+    "bn_size",
+    "compression",
+    "decoder_layers",
+    "decoder_growth_rate",
+    "n_layers_per_block",
+    "n_pool",
+    "upsample",
+    "input_skip",
+    "drop_rate",
+    "in_channels",
+    "num_classes",
+)
 
 
 def describe(path: str | Path) -> list[tuple[str, str]]:
@@ -35,7 +49,9 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
     data = record.get("data") or ckpt.get("datamodule_hyper_parameters") or {}
     model = record["model"]
     weights = ckpt["state_dict"]
-    n_params = sum(v.numel() for k, v in weights.items() if k.startswith("model.") and not k.endswith(_BUFFERS))
+    n_params = sum(
+        v.numel() for k, v in weights.items() if k.startswith("model.") and not k.endswith(_BUFFERS)
+    )
     arch = ", ".join(f"{k} {_plain(model[k])}" for k in _ARCHITECTURE_KEYS if model.get(k) is not None)
     rows = [
         ("checkpoint", f"{path} ({path.stat().st_size / 1e6:.1f} MB)"),
@@ -43,16 +59,27 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
         ("architecture", f"{model_label(model)}: {arch}"),
         ("parameters", f"{n_params:,}"),
         ("data", _data(data)),
-        ("labels", ", ".join(f"{i} {name}" for i, name in enumerate(record.get("class_names") or [])) or NOT_RECORDED),
+        (
+            "labels",
+            ", ".join(f"{i} {name}" for i, name in enumerate(record.get("class_names") or []))
+            or NOT_RECORDED,
+        ),
         ("training grid", _grid(data)),
         ("augmentation", _augmentation(data.get("augmentation"))),
         ("validation", _metrics(record.get("metrics"), ("val/",)) + _best(ckpt)),
         ("test", _metrics(record.get("test_metrics"), ("test/",))),
-        ("trained", f"epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}, "
-                    f"Lightning {ckpt.get('pytorch-lightning_version', '?')}"),
+        (
+            "trained",
+            f"epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}, "
+            f"Lightning {ckpt.get('pytorch-lightning_version', '?')}",
+        ),
         ("command", record.get("command") or NOT_RECORDED),
-        ("saved", record.get("saved") or f"{NOT_RECORDED} (file modified "
-                  f"{datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec='seconds')})"),
+        (
+            "saved",
+            record.get("saved")
+            or f"{NOT_RECORDED} (file modified "
+            f"{datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec='seconds')})",
+        ),
     ]
     return rows
 

@@ -85,20 +85,32 @@ def find_inputs(input_path: str | Path, cine: bool = False) -> tuple[Path, list[
         raise DataError(f"{root}: input not found")
     skip = tuple(m for m in SKIP_MARKERS if not (cine and m == "_4d"))
     files = [  # walk_files returns them sorted
-        p for p in walk_files(root)
-        if p.name.endswith(NIFTI_SUFFIXES) and not nifti_stem(p).endswith(skip)
+        p for p in walk_files(root) if p.name.endswith(NIFTI_SUFFIXES) and not nifti_stem(p).endswith(skip)
     ]
     if not files:
         raise DataError(f"{root}: no NIfTI images (*.nii.gz, *.nii) found")
     return root, files
 
 
-def predict_tree(ckpt: str | Path | Sequence[str | Path], input: str | Path, output: str | Path, *, tta: bool | str = False,
-                 postprocess: str | None = None, mc_samples: int = 0, save_probs: bool = False,
-                 device: str = "auto", precision: str = "32", batch_size: int = 16,
-                 memory_budget_mb: float | None = None, channels_last: bool = True, cine: bool = False,
-                 cine_frames: Sequence[int] | None = None, backend: str = "torch",
-                 scales: Sequence[float] = (1.0,)) -> list[Path]:
+def predict_tree(
+    ckpt: str | Path | Sequence[str | Path],
+    input: str | Path,
+    output: str | Path,
+    *,
+    tta: bool | str = False,
+    postprocess: str | None = None,
+    mc_samples: int = 0,
+    save_probs: bool = False,
+    device: str = "auto",
+    precision: str = "32",
+    batch_size: int = 16,
+    memory_budget_mb: float | None = None,
+    channels_last: bool = True,
+    cine: bool = False,
+    cine_frames: Sequence[int] | None = None,
+    backend: str = "torch",
+    scales: Sequence[float] = (1.0,),
+) -> list[Path]:
     """Predict every image under ``input`` into ``output`` (mirroring the tree); returns the masks written.
 
     A 4D cine series ``(X, Y, Z, T)`` (given directly, or found in a tree with ``cine=True``) becomes a 4D
@@ -107,15 +119,20 @@ def predict_tree(ckpt: str | Path | Sequence[str | Path], input: str | Path, out
     """
     root, files = find_inputs(input, cine=cine)
     output = Path(output)
-    targets = [output / f.parent.relative_to(root) / f"{nifti_stem(f)}_pred.nii.gz" for f in files]
-    inputs = {f.resolve() for f in files}
-    for target in targets:
-        if target.resolve() in inputs:
-            raise SegDenseNetError(f"{target}: output path is an input file; refusing to overwrite it")
+    targets = _output_paths(root, files, output)
     predictor, record = build_predictor(
-        ckpt, device=device, precision=precision, batch_size=batch_size, tta=tta, mc_samples=mc_samples,
-        postprocess=postprocess, keep_probs=save_probs, memory_budget_mb=memory_budget_mb,
-        channels_last=channels_last, backend=backend, scales=scales,
+        ckpt,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        tta=tta,
+        mc_samples=mc_samples,
+        postprocess=postprocess,
+        keep_probs=save_probs,
+        memory_budget_mb=memory_budget_mb,
+        channels_last=channels_last,
+        backend=backend,
+        scales=scales,
     )
     structures = LabelSet.from_record(record).structures
     written = []
@@ -125,38 +142,73 @@ def predict_tree(ckpt: str | Path | Sequence[str | Path], input: str | Path, out
             volume = load_volume(src, allow_4d=True)
             stem = nifti_stem(target)[: -len("_pred")]
             if volume.data.ndim == 4:
-                written.append(_predict_cine(predictor, volume, target, target.with_name(stem), cine_frames, progress,
-                                             structures))
+                series = target.with_name(stem)  # the curves' and indices' file stem
+                written.append(
+                    _predict_cine(predictor, volume, target, series, cine_frames, progress, structures)
+                )
                 continue
             task = progress.add_task(f"{src.name}", total=volume.shape[slice_axis(volume)])
-            result = predictor.predict(volume, progress, task)
-            save_volume(target, result["labels"], volume, dtype=np.uint8)
-            if "entropy" in result:
-                save_volume(target.with_name(f"{stem}_uncertainty.nii.gz"), result["entropy"], volume, dtype=np.float32)
-            if "probs" in result:
-                _save_probabilities(target.with_name(f"{stem}_probs.nii.gz"), result["probs"], volume)
+            _save_prediction(predictor.predict(volume, progress, task), volume, target, stem)
             written.append(target)
     log.info("wrote %d prediction(s) under %s", len(written), output)
     return written
 
 
-def _predict_cine(predictor: Predictor, volume: Volume, target: Path, stem: Path,
-                  cine_frames: Sequence[int] | None, progress: Progress, structures: dict[str, int]) -> Path:
+def _output_paths(root: Path, files: Sequence[Path], output: Path) -> list[Path]:
+    """``output/<relative folder>/<stem>_pred.nii.gz`` for each input; refuses a path that is an input."""
+    targets = [output / f.parent.relative_to(root) / f"{nifti_stem(f)}_pred.nii.gz" for f in files]
+    inputs = {f.resolve() for f in files}
+    for target in targets:
+        if target.resolve() in inputs:
+            raise SegDenseNetError(f"{target}: output path is an input file; refusing to overwrite it")
+    return targets
+
+
+def _save_prediction(result: dict, volume: Volume, target: Path, stem: str) -> None:
+    """The mask at ``target``; the uncertainty and probability maps beside it when ``result`` has them."""
+    save_volume(target, result["labels"], volume, dtype=np.uint8)
+    if "entropy" in result:
+        uncertainty = target.with_name(f"{stem}_uncertainty.nii.gz")
+        save_volume(uncertainty, result["entropy"], volume, dtype=np.float32)
+    if "probs" in result:
+        _save_probabilities(target.with_name(f"{stem}_probs.nii.gz"), result["probs"], volume)
+
+
+def _predict_cine(
+    predictor: Predictor,
+    volume: Volume,
+    target: Path,
+    stem: Path,
+    cine_frames: Sequence[int] | None,
+    progress: Progress,
+    structures: dict[str, int],
+) -> Path:
     """Segment every frame of a 4D series into ``target`` (a 4D mask) and its cycle reports into
     ``<stem>_volumes.csv`` etc. beside it; ``structures``: the checkpoint's label set."""
     from seg_densenet import cine
 
     n_frames = volume.data.shape[3]
     first = cine.frame(volume, 0)
-    task = progress.add_task(f"{volume.path.name} ({n_frames} frames)", total=first.shape[slice_axis(first)] * n_frames)
-    labels = np.stack([predictor.predict(cine.frame(volume, t), progress, task)["labels"] for t in range(n_frames)], -1)
+    task = progress.add_task(
+        f"{volume.path.name} ({n_frames} frames)", total=first.shape[slice_axis(first)] * n_frames
+    )
+    labels = np.stack(
+        [predictor.predict(cine.frame(volume, t), progress, task)["labels"] for t in range(n_frames)], -1
+    )
     save_volume(target, labels, volume, dtype=np.uint8)
     curves = cine.volume_curves(labels, volume.spacing, structures)
     ed, es = cine.ed_es_frames(curves["LV"], cine_frames)
     summary = cine.cycle_summary(curves, ed, es, named=cine_frames is not None)
     cine.write_cycle_reports(stem, curves, summary)
-    log.info("%s: %d frames, ED frame %d, ES frame %d (%s), LVEF %.1f %%", volume.path, n_frames,
-             summary["ED_frame"], summary["ES_frame"], summary["chosen_by"], summary["LV_EF_pct"])
+    log.info(
+        "%s: %d frames, ED frame %d, ES frame %d (%s), LVEF %.1f %%",
+        volume.path,
+        n_frames,
+        summary["ED_frame"],
+        summary["ES_frame"],
+        summary["chosen_by"],
+        summary["LV_EF_pct"],
+    )
     return target
 
 
@@ -174,10 +226,23 @@ def _save_probabilities(path: Path, probs: np.ndarray, reference: Volume) -> Non
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
     run_cli(
-        predict_tree, cfg.ckpt, cfg.input, cfg.output, tta=cfg.tta, postprocess=cfg.postprocess,
-        mc_samples=cfg.mc_samples, save_probs=cfg.save_probs, device=cfg.device, precision=str(cfg.precision),
-        batch_size=cfg.batch_size, memory_budget_mb=cfg.memory_budget_mb, channels_last=cfg.channels_last,
-        cine=cfg.cine, cine_frames=cfg.cine_frames, backend=cfg.backend, scales=list(cfg.scales),
+        predict_tree,
+        cfg.ckpt,
+        cfg.input,
+        cfg.output,
+        tta=cfg.tta,
+        postprocess=cfg.postprocess,
+        mc_samples=cfg.mc_samples,
+        save_probs=cfg.save_probs,
+        device=cfg.device,
+        precision=str(cfg.precision),
+        batch_size=cfg.batch_size,
+        memory_budget_mb=cfg.memory_budget_mb,
+        channels_last=cfg.channels_last,
+        cine=cfg.cine,
+        cine_frames=cfg.cine_frames,
+        backend=cfg.backend,
+        scales=list(cfg.scales),
     )
 
 

@@ -274,8 +274,9 @@ def robustness_report(
     mapping = (record.get("data") or {}).get("label_mapping")
     case_rows = _score_shifts(predictor, frames, names, labels, mapping)
     rows = _summarise(case_rows, names, list(labels))
+    ckpt_text = str(ckpt) if isinstance(ckpt, (str, Path)) else ", ".join(map(str, ckpt))
     settings = {
-        "ckpt": str(ckpt) if isinstance(ckpt, (str, Path)) else ", ".join(map(str, ckpt)), "input": str(input), "split": None if split is None else f"{split} ({subset})",
+        "ckpt": ckpt_text, "input": str(input), "split": None if split is None else f"{split} ({subset})",
         "n_cases": len({f.case for f in frames}), "n_frames": len(frames),
         "tta": tta, "postprocess": postprocess, "scales": list(scales),
     }  # fmt: skip
@@ -290,8 +291,13 @@ def robustness_report(
     return rows
 
 
-def _score_shifts(predictor, frames: list[FramePair], names: list[str], labels: dict[str, int],
-                  mapping: dict[int, int] | None) -> list[dict]:
+def _score_shifts(
+    predictor,
+    frames: list[FramePair],
+    names: list[str],
+    labels: dict[str, int],
+    mapping: dict[int, int] | None,
+) -> list[dict]:
     """One row per shift, frame and structure (Dice, HD95 mm) of ``predictor`` on every shifted frame."""
     case_rows: list[dict] = []
     progress = Progress(
@@ -334,7 +340,9 @@ def summary_columns(structures: Sequence[str]) -> list[str]:
     ]
 
 
-def _load_frame(frame: FramePair, labels: dict[str, int], mapping: dict[int, int] | None) -> tuple[Volume, Volume]:
+def _load_frame(
+    frame: FramePair, labels: dict[str, int], mapping: dict[int, int] | None
+) -> tuple[Volume, Volume]:
     """Image and ground truth, in the checkpoint's class values (mapped as its training data was)."""
     image = load_volume(frame.image_path)
     gt = load_volume(frame.gt_path, label=True)
@@ -403,8 +411,8 @@ def robustness_markdown(rows: list[dict], settings: dict, structures: list[str])
         f"- Checkpoint: `{settings['ckpt']}`",
         f"- Input: `{settings['input']}`; split: {split}",
         f"- Cases: {settings['n_cases']} patients, {settings['n_frames']} frames",
-        f"- Prediction: tta={str(settings['tta']).lower()}, postprocess={settings['postprocess'] or 'none'}"
-        + (f", scales={settings['scales']}" if settings.get("scales", [1.0]) != [1.0] else ""),
+        f"- Prediction: tta={str(settings['tta']).lower()}, postprocess={settings['postprocess'] or 'none'}, "
+        f"scales={settings['scales']}",
         f"- {_worst_line(rows)}",
         "",
         _table(rows, structures),

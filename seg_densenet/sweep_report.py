@@ -63,14 +63,24 @@ def write_report(sweep_dir: str | Path, metric: str = DEFAULT_METRIC) -> Path:
     writer = csv.writer(buffer)
     writer.writerow(["job", *params, *metric_names])
     for j in jobs:
-        writer.writerow([j["job"], *(j["params"].get(k, "") for k in params),
-                         *(j["metrics"].get(m, "") for m in metric_names)])
+        writer.writerow(
+            [
+                j["job"],
+                *(j["params"].get(k, "") for k in params),
+                *(j["metrics"].get(m, "") for m in metric_names),
+            ]
+        )
     atomic_write_text(sweep_dir / "sweep.csv", buffer.getvalue())
 
     ranked = sorted(jobs, key=lambda j: -float(j["metrics"].get(metric, float("-inf"))))
-    lines = [f"# Sweep {sweep_dir}", "", f"{len(jobs)} jobs, ranked by `{metric}`.", "",
-             "| rank | job | " + " | ".join(f"`{k}`" for k in swept or params) + f" | `{metric}` |",
-             "|" + " --- |" * (3 + len(swept or params))]
+    lines = [
+        f"# Sweep {sweep_dir}",
+        "",
+        f"{len(jobs)} jobs, ranked by `{metric}`.",
+        "",
+        "| rank | job | " + " | ".join(f"`{k}`" for k in swept or params) + f" | `{metric}` |",
+        "|" + " --- |" * (3 + len(swept or params)),
+    ]
     for rank, j in enumerate(ranked, 1):
         value = j["metrics"].get(metric)
         shown = f"{value:.4f}" if isinstance(value, int | float) else "-"
@@ -112,12 +122,16 @@ def write_lines(sweep_dirs: list[str | Path], metric: str, x: str, group: str, o
         if x in j["params"] and group in j["params"] and metric in j["metrics"]:
             table.setdefault(j["params"][group], {})[float(j["params"][x])] = float(j["metrics"][metric])
     if not table:
-        raise SegDenseNetError(f"no finished job in {', '.join(map(str, sweep_dirs))} sets {x}, {group} and {metric}")
+        raise SegDenseNetError(
+            f"no finished job in {', '.join(map(str, sweep_dirs))} sets {x}, {group} and {metric}"
+        )
     xs = sorted({v for line in table.values() for v in line})
     shown = [f"{v:g}" for v in xs]
     rows = [f"| `{group}` ↓ `{x}` → | " + " | ".join(shown) + " |", "|" + " --- |" * (len(xs) + 1)]
-    rows += [f"| {name} | " + " | ".join(f"{line[v]:.3f}" if v in line else "-" for v in xs) + " |"
-             for name, line in sorted(table.items())]
+    rows += [
+        f"| {name} | " + " | ".join(f"{line[v]:.3f}" if v in line else "-" for v in xs) + " |"
+        for name, line in sorted(table.items())
+    ]
     out = Path(out)
     atomic_write_text(out.with_suffix(".md"), f"{metric}\n\n" + "\n".join(rows) + "\n")
     from seg_densenet.utils.figures import new_figure, save_png
@@ -151,9 +165,15 @@ class SweepReportCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m seg_densenet.sweep_report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", nargs="+", help="a multirun folder (multirun/<date>/<time>); several with --x")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"metric to rank by (default {DEFAULT_METRIC})")
+    parser = argparse.ArgumentParser(
+        prog="python -m seg_densenet.sweep_report", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "sweep_dir", nargs="+", help="a multirun folder (multirun/<date>/<time>); several with --x"
+    )
+    parser.add_argument(
+        "--metric", default=DEFAULT_METRIC, help=f"metric to rank by (default {DEFAULT_METRIC})"
+    )
     parser.add_argument("--x", help="draw the metric against this parameter (with --group and --out)")
     parser.add_argument("--group", help="one line per value of this parameter")
     parser.add_argument("--out", help="the plot (PNG); its table goes beside it as .md")

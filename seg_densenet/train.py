@@ -54,7 +54,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         stage_dir = run_dir / f"stage{index}_{stage}" if len(stages) > 1 else run_dir
         record = _finished_stage(stage_dir) if cfg.get("ckpt_path") else None
         if record is not None:
-            log.info("stage %d/%d (%s): already finished in %s, reusing it", index, len(stages), stage, stage_dir)
+            log.info(
+                "stage %d/%d (%s): already finished in %s, reusing it", index, len(stages), stage, stage_dir
+            )
         else:
             log.info("stage %d/%d (%s): output in %s", index, len(stages), stage, stage_dir)
             if cfg.get("seed") is not None:
@@ -71,7 +73,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "best_checkpoint": final["best_checkpoint"],
         "output_dir": str(run_dir),
         "wall_time_s": round(time.time() - start, 1),
-        "stages": {name: {"metrics": r["metrics"], "best_checkpoint": r["best_checkpoint"]} for name, r in results.items()},
+        "stages": {
+            name: {"metrics": r["metrics"], "best_checkpoint": r["best_checkpoint"]}
+            for name, r in results.items()
+        },
     }
     if _is_global_zero():
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -92,11 +97,19 @@ def _run_classification(cfg: DictConfig, stage_dir: Path, encoder_weights: str |
             f"model {model_label(cfg.model)}: the classify stage needs a DenseNet "
             "classifier (densenet121, ...) or a model with a DenseNet encoder (model.encoder) to pretrain"
         )
-    record = {"task": "classify", "model": _container(model_cfg) | {"num_classes": datamodule.num_classes},
-              "class_names": list(getattr(datamodule, "class_names", [])), "command": command_line()}
+    record = {
+        "task": "classify",
+        "model": _container(model_cfg) | {"num_classes": datamodule.num_classes},
+        "class_names": list(getattr(datamodule, "class_names", [])),
+        "command": command_line(),
+    }
     module = instantiate(stage_cfg.module)(
-        net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
-        num_classes=datamodule.num_classes, channels_last=cfg.channels_last,
+        net,
+        instantiate(cfg.optim),
+        **_scheduler_kwargs(cfg),
+        record=record,
+        num_classes=datamodule.num_classes,
+        channels_last=cfg.channels_last,
     )
     return _fit(cfg, stage_cfg, module, datamodule, stage_dir)
 
@@ -115,20 +128,31 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
     record = {
         "task": "segment",
         # the checkpoint holds the trained encoder: rebuilding for prediction must not reload weights
-        "model": _container(model_cfg) | ({"encoder_weights": None} if "encoder_weights" in model_cfg else {}),
+        "model": _container(model_cfg)
+        | ({"encoder_weights": None} if "encoder_weights" in model_cfg else {}),
         "data": _container(cfg.data),
         "class_names": list(datamodule.class_names),
         "command": command_line(),
     }
     module = instantiate(stage_cfg.module)(
-        net, instantiate(cfg.optim), **_scheduler_kwargs(cfg), record=record,
-        channels_last=cfg.channels_last, labels=datamodule.label_set.structures,
+        net,
+        instantiate(cfg.optim),
+        **_scheduler_kwargs(cfg),
+        record=record,
+        channels_last=cfg.channels_last,
+        labels=datamodule.label_set.structures,
     )
     return _fit(cfg, stage_cfg, module, datamodule, stage_dir, {"encoder_weights": encoder_weights})
 
 
-def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, datamodule, stage_dir: Path,
-         extra: dict | None = None) -> dict:
+def _fit(
+    cfg: DictConfig,
+    stage_cfg: DictConfig,
+    module: pl.LightningModule,
+    datamodule,
+    stage_dir: Path,
+    extra: dict | None = None,
+) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):  # what this stage's callbacks and loggers read: ${stage.dir}, ${stage.monitor}
         cfg.stage = {"dir": str(stage_dir), "monitor": stage_cfg.monitor}
@@ -141,7 +165,10 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
             if hasattr(logger, "keep_until_step"):  # a logger that carries a resumed run's history over
                 logger.keep_until_step = step
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=stage_cfg.max_epochs,
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        max_epochs=stage_cfg.max_epochs,
         default_root_dir=str(stage_dir),
     )
     if hasattr(datamodule, "save_split") and trainer.is_global_zero:
@@ -158,27 +185,30 @@ def _fit(cfg: DictConfig, stage_cfg: DictConfig, module: pl.LightningModule, dat
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
         metrics[checkpoint_cb.monitor] = float(checkpoint_cb.best_model_score)
     if cfg.get("test", True) and _has_test_data(datamodule):
-        if best:
-            # the checkpoint's own weights, which are the average where a WeightAveraging callback ran:
-            # Lightning's reload (ckpt_path=best) would hand the test that callback's un-averaged weights
-            module.load_state_dict(safe_torch_load(best)["state_dict"])
-        test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)
-        metrics.update(_scalars(test_metrics[0] if test_metrics else {}))
-        if best and trainer.is_global_zero:
-            _record_test_metrics(Path(best), {k: v for k, v in metrics.items() if k.startswith("test/")})
+        metrics.update(_test(trainer, module, datamodule, best))
     record = {"metrics": metrics, "best_checkpoint": best, "epochs": trainer.current_epoch, **(extra or {})}
     if trainer.is_global_zero:
         atomic_write_text(stage_dir / STAGE_RECORD, json.dumps(record, indent=2) + "\n")
     return record
 
 
-def _record_test_metrics(path: Path, metrics: dict[str, float]) -> None:
-    """Add the test metrics to the best checkpoint's record (``python -m seg_densenet.info`` shows them)."""
+def _test(trainer: pl.Trainer, module: pl.LightningModule, datamodule, best: str) -> dict[str, float]:
+    """Test the ``best`` checkpoint's weights (the module's own without one); returns the test metrics,
+    which are also added to that checkpoint's record (``python -m seg_densenet.info`` shows them)."""
     from seg_densenet.lit.checkpoint_io import AtomicCheckpointIO
 
-    checkpoint = safe_torch_load(path)
-    checkpoint.setdefault("seg_densenet", {})["test_metrics"] = metrics
-    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    checkpoint = safe_torch_load(best) if best else None
+    if checkpoint is not None:
+        # the checkpoint's own weights, which are the average where a WeightAveraging callback ran:
+        # Lightning's reload (ckpt_path=best) would hand the test that callback's un-averaged weights
+        module.load_state_dict(checkpoint["state_dict"])
+    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = _scalars(results[0] if results else {})
+    if checkpoint is not None and trainer.is_global_zero:
+        tests = {k: v for k, v in metrics.items() if k.startswith("test/")}
+        checkpoint.setdefault("seg_densenet", {})["test_metrics"] = tests
+        AtomicCheckpointIO().save_checkpoint(checkpoint, Path(best))
+    return metrics
 
 
 def command_line() -> str | None:
@@ -219,8 +249,11 @@ def _classification_datamodule(cfg: DictConfig, stage_cfg: DictConfig):
 def _scheduler_kwargs(cfg: DictConfig) -> dict[str, Any]:
     sched = cfg.get("scheduler") or {}
     factory = instantiate(sched.get("scheduler")) if sched.get("scheduler") else None
-    return {"scheduler": factory, "scheduler_interval": sched.get("interval", "epoch"),
-            "scheduler_total_steps": bool(sched.get("pass_total_steps", False))}
+    return {
+        "scheduler": factory,
+        "scheduler_interval": sched.get("interval", "epoch"),
+        "scheduler_total_steps": bool(sched.get("pass_total_steps", False)),
+    }
 
 
 def _resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
@@ -306,8 +339,17 @@ def _print_summary(summary: dict) -> None:
     table = Table(title=f"seg_densenet {summary['task']}: final summary", show_header=True)
     table.add_column("item")
     table.add_column("value", overflow="fold")
-    for key in ("val/dice_best", "val/dice", "test/dice", "test/dice_rv", "test/dice_myo", "test/dice_lv",
-                "test/hd95", "val/acc_best", "test/acc"):
+    for key in (
+        "val/dice_best",
+        "val/dice",
+        "test/dice",
+        "test/dice_rv",
+        "test/dice_myo",
+        "test/dice_lv",
+        "test/hd95",
+        "val/acc_best",
+        "test/acc",
+    ):
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
     table.add_row("best checkpoint", summary["best_checkpoint"] or "-")

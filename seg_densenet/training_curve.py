@@ -65,7 +65,9 @@ def write_curve(runs: list[str], out: str | Path, labels: list[str] | None = Non
     for label, points in zip(labels, curves):
         cells = [best_within(points, m) for m in BUDGETS_MIN]
         text = [f"{c:.3f}" if c is not None else "-" for c in cells]
-        lines.append(f"| {label} | " + " | ".join(text) + f" | {points[-1][1]:.3f} at {points[-1][0]:.0f} min |")
+        lines.append(
+            f"| {label} | " + " | ".join(text) + f" | {points[-1][1]:.3f} at {points[-1][0]:.0f} min |"
+        )
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return out

@@ -68,7 +68,12 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 600, env:
     if env and "HYDRA_FULL_ERROR" in env:
         full_env["HYDRA_FULL_ERROR"] = env["HYDRA_FULL_ERROR"]
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd or REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args],
+        cwd=cwd or REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -134,8 +134,15 @@ def test_flop_counts_on_the_meta_device_match_the_arithmetic():
     # the backward pass costs about twice the forward; the model itself is left as it was (no meta weights)
     from seg_densenet.models import DenseUNet
 
-    net = DenseUNet(in_channels=1, num_classes=4, growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
-                    decoder_layers=(1, 1, 1, 1, 1), decoder_growth_rate=8)
+    net = DenseUNet(
+        in_channels=1,
+        num_classes=4,
+        growth_rate=8,
+        block_config=(2, 2, 2, 2),
+        num_init_features=16,
+        decoder_layers=(1, 1, 1, 1, 1),
+        decoder_growth_rate=8,
+    )
     forward = forward_gflop(net, (2, 1, 64, 64))
     plain = training_gflop(net, (2, 1, 64, 64))
     assert 2.5 * forward < plain < 3.5 * forward
@@ -150,11 +157,16 @@ def test_ceiling_is_the_better_layout_and_rows_are_placed_under_it():
     from benchmarks.report import _ceiling_section, _group_table
     from benchmarks.roofline import CeilingPlan, conv_ceiling, place
 
-    ceiling = conv_ceiling(torch.device("cpu"), CeilingPlan(batch=1, channels=16, size=16, warmup=0, repeats=1))
+    ceiling = conv_ceiling(
+        torch.device("cpu"), CeilingPlan(batch=1, channels=16, size=16, warmup=0, repeats=1)
+    )
     assert ceiling["gflop_per_s"] == max(ceiling["layouts_gflop_per_s"].values()) > 0
     assert place(2.0, 10.0, 40.0) == {"gflop_per_s": 20.0, "pct_of_ceiling": 50.0}
     assert place(None, 10.0, 40.0)["pct_of_ceiling"] is None
-    suite_ceiling = {"fp32": {**ceiling, "gflop_per_s": 40.0}, "bf16": {"status": "skipped", "reason": "no bf16"}}
+    suite_ceiling = {
+        "fp32": {**ceiling, "gflop_per_s": 40.0},
+        "bf16": {"status": "skipped", "reason": "no bf16"},
+    }
     eager = {**_config(10.0, 2.0), "gflop_per_item": 2.0, "seconds": [0.8], "warmup_seconds": [0.9]}
     group = {"eager": eager, "bf16 autocast": {"status": "skipped", "reason": "emulated"}}
     table = _group_table(group, "eager", "slices", suite_ceiling)
@@ -168,24 +180,44 @@ def test_ceiling_and_smp_goals():
     volume_shape = {"volume_shape": [256, 216, 10]}
     throughput = {
         "DenseUNet": {"eager": {**_config(20.0, 1.0, batch=2), "gflop_per_item": 7.4}},
-        "smp Unet(densenet121)": {"eager": {**_config(8.0, 1.0, batch=2), "gflop_per_item": 12.7},
-                                  "bf16 autocast": {**_config(80.0, 1.0, batch=2), "gflop_per_item": 12.7}},
+        "smp Unet(densenet121)": {
+            "eager": {**_config(8.0, 1.0, batch=2), "gflop_per_item": 12.7},
+            "bf16 autocast": {**_config(80.0, 1.0, batch=2), "gflop_per_item": 12.7},
+        },
     }
-    volume = {"DenseUNet onnxruntime": {**_config(40.0, 1.0, batch=10), **volume_shape, "gflop_per_item": 8.5,
-                                        "items_per_call": 10}}
-    results = {"threads": 2, "suites": {"infer": {"throughput": throughput, "volume": volume,
-                                                  "ceiling": {"fp32": {"gflop_per_s": 400.0}}}}}
+    volume = {
+        "DenseUNet onnxruntime": {
+            **_config(40.0, 1.0, batch=10),
+            **volume_shape,
+            "gflop_per_item": 8.5,
+            "items_per_call": 10,
+        }
+    }
+    results = {
+        "threads": 2,
+        "suites": {
+            "infer": {"throughput": throughput, "volume": volume, "ceiling": {"fp32": {"gflop_per_s": 400.0}}}
+        },
+    }
     rows = {g["id"]: g for g in goals(results)}
     share = rows["ceiling_share"]
     # DenseUNet's best: ONNX Runtime on the volume (340 GFLOP/s = 85 %); smp's bf16 row is not held to fp32's
-    assert "DenseUNet 85% (DenseUNet onnxruntime)" in share["measured"] and "smp Unet(densenet121) 25% (eager)" in share["measured"]
+    assert (
+        "DenseUNet 85% (DenseUNet onnxruntime)" in share["measured"]
+        and "smp Unet(densenet121) 25% (eager)" in share["measured"]
+    )
     assert share["met"] is False
     # smp at its fastest (bf16 here, 80 slices/s) against DenseUNet's 20: four times our latency
     smp = rows["dense_unet_vs_smp_latency"]
     assert smp["measured"] == "4.00x" and smp["met"] is False and "smp bf16 autocast" in smp["note"]
-    assert rows["dense_unet_volume"]["measured"] == "0.25 s onnxruntime" and rows["dense_unet_volume"]["met"] is True
+    assert (
+        rows["dense_unet_volume"]["measured"] == "0.25 s onnxruntime"
+        and rows["dense_unet_volume"]["met"] is True
+    )
     # 85 GFLOP in 0.35 s needs 243 GFLOP/s: 61 % of a 400 GFLOP/s ceiling, beyond a 200 GFLOP/s one
-    assert "0.35 s needs 243 GFLOP/s, fp32 ceiling 400 GFLOP/s (61% of it)" in rows["dense_unet_volume"]["note"]
+    assert (
+        "0.35 s needs 243 GFLOP/s, fp32 ceiling 400 GFLOP/s (61% of it)" in rows["dense_unet_volume"]["note"]
+    )
     results["suites"]["infer"]["ceiling"]["fp32"]["gflop_per_s"] = 200.0
     note = next(g for g in goals(results) if g["id"] == "dense_unet_volume")["note"]
     assert "the physics forbids it on this machine (at 100% of the ceiling 0.42 s)" in note
@@ -229,8 +261,13 @@ def test_quick_run_writes_every_suite_to_the_results_file(quick_run):
     assert {"eager", "channels_last", "bf16 autocast"} <= set(suites["infer"]["throughput"]["FC-DenseNet56"])
     # the roofline: every suite's ceiling, and FLOPs on every model row of the train and infer suites
     for suite in suites.values():
-        assert suite["ceiling"]["fp32"]["gflop_per_s"] > 0 and suite["ceiling"]["bf16"]["status"] in ("ok", "skipped")
-    train_rows = [c for g in ("densenet121", "segmentation", "fc_densenet") for c in suites["train"][g].values()]
+        assert suite["ceiling"]["fp32"]["gflop_per_s"] > 0 and suite["ceiling"]["bf16"]["status"] in (
+            "ok",
+            "skipped",
+        )
+    train_rows = [
+        c for g in ("densenet121", "segmentation", "fc_densenet") for c in suites["train"][g].values()
+    ]
     assert all(c["gflop_per_item"] > 0 for c in train_rows)
     assert all(c["gflop_per_item"] > 0 for g in suites["infer"]["throughput"].values() for c in g.values())
     assert results["machine"]["cpu_flags"] is not None
@@ -280,8 +317,12 @@ def test_memory_saving_path_is_kept_for_less_memory_at_the_same_speed():
 def test_interleave_stops_a_slow_configuration_after_its_memory_call():
     order: list[str] = []
     results = interleave(
-        {"slow": lambda: order.append("slow")}, {"slow": 1}, torch.device("cpu"),
-        warmup=2, repeats=3, max_call_s=0.0,
+        {"slow": lambda: order.append("slow")},
+        {"slow": 1},
+        torch.device("cpu"),
+        warmup=2,
+        repeats=3,
+        max_call_s=0.0,
     )
     assert order == ["slow", "slow"]  # one warm-up call, then straight to the memory call
     slow = results["slow"]

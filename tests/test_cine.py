@@ -41,7 +41,9 @@ def test_ed_es_from_the_lv_curve_and_named_frames():
     lv = np.array([120.0, 140.0, 150.0, 110.0, 70.0, 60.0, 90.0, 150.0])
     assert ed_es_frames(lv) == (2, 5)  # the first of the two largest
     assert ed_es_frames(lv, [1, 6]) == (0, 5)
-    with pytest.raises(ConfigError, match=r"cine_frames=\[0, 9\]: must be \[ED, ES\], frame numbers from 1 to 8"):
+    with pytest.raises(
+        ConfigError, match=r"cine_frames=\[0, 9\]: must be \[ED, ES\], frame numbers from 1 to 8"
+    ):
         ed_es_frames(lv, [0, 9])
 
 
@@ -68,8 +70,18 @@ def test_predict_segments_a_4d_series_into_a_4d_mask_with_its_cycle(trained_ckpt
     nib.save(nib.Nifti1Image(images.astype(np.float32), ref.affine, header), tree / "patient001_4d.nii.gz")
     nib.save(ref, tree / "patient001_frame01.nii.gz")  # a 3D frame beside it is predicted as before
     out = tmp_path / "pred"
-    result = run_cli(["-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={tmp_path / 'tree'}",
-                      f"output={out}", "cine=true", "tta=false", "scales=[1.0]"])
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.predict",
+            f"ckpt={trained_ckpt}",
+            f"input={tmp_path / 'tree'}",
+            f"output={out}",
+            "cine=true",
+            "tta=false",
+            "scales=[1.0]",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     mask = nib.load(out / "patient001" / "patient001_4d_pred.nii.gz")
     assert mask.shape == images.shape and mask.get_data_dtype() == np.uint8

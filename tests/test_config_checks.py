@@ -23,31 +23,86 @@ BAD_OPTIONS = [
     (TRAIN + ["data.crop_size=[16,16]"], "data.crop_size=[16, 16]", "at least [32, 32] for model DenseUNet"),
     (TRAIN + ["model.num_classes=3"], "model.num_classes=3", "data.num_classes=4"),
     (TRAIN + ["data.augmentation.transforms.0.p=2"], "data.augmentation.transforms.0.p=2", "probability"),
-    (["-m", "seg_densenet.predict", "ckpt=no_such.ckpt", "input=.", "output={tmp}/out"], "ckpt=no_such.ckpt",
-     "existing file"),
-    (["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={tmp}/out", "tta=maybe"], "tta=maybe",
-     "one of false, true, d4"),
-    (["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={ckpt}"], "output=", "choose another output="),
-    (["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={tmp}/out", "scales=[1.0,0]"],
-     "scales=[1.0, 0]", "list [a, b, ...] of numbers in [0.25, 4]"),
-    (["-m", "seg_densenet.evaluate", "pred={tmp}/missing", "gt=.", "output={tmp}/out"], "pred=", "existing folder"),
-    (["-m", "seg_densenet.evaluate", "ckpt={ckpt}", "input=.", "output={tmp}/out", "subset=holdout"],
-     "subset=holdout", "one of train, val, test"),
-    (["-m", "seg_densenet.evaluate", "ckpt={ckpt}", "input=.", "output={tmp}/out",
-      "+predict_options.batch_size=0"], "predict_options.batch_size=0", "integer >= 1"),
-    (["-m", "seg_densenet.evaluate", "ckpt={ckpt}", "input=.", "output={tmp}/out", "predict_options.tta=all"],
-     "predict_options.tta=all", "one of false, true, d4"),
-    (["-m", "seg_densenet.export", "ckpt={ckpt}", "output={tmp}/m.onnx", "opset=5"], "opset=5", "integer >= 11"),
-    (["-m", "seg_densenet.robustness", "ckpt={ckpt}", "input=.", "output={tmp}/out", "patients=0"], "patients=0",
-     "integer >= 1"),
-    (["-m", "seg_densenet.robustness", "ckpt={ckpt}", "input=.", "output={tmp}/out", "batch_size=-4"],
-     "batch_size=-4", "integer >= 1"),
-    (["-m", "seg_densenet.robustness", "ckpt={ckpt}", "input=.", "output={tmp}/out", "device=gpu"],
-     "device=gpu", "auto, cpu, cuda or cuda:N"),
+    (
+        ["-m", "seg_densenet.predict", "ckpt=no_such.ckpt", "input=.", "output={tmp}/out"],
+        "ckpt=no_such.ckpt",
+        "existing file",
+    ),
+    (
+        ["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={tmp}/out", "tta=maybe"],
+        "tta=maybe",
+        "one of false, true, d4",
+    ),
+    (
+        ["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={ckpt}"],
+        "output=",
+        "choose another output=",
+    ),
+    (
+        ["-m", "seg_densenet.predict", "ckpt={ckpt}", "input=.", "output={tmp}/out", "scales=[1.0,0]"],
+        "scales=[1.0, 0]",
+        "list [a, b, ...] of numbers in [0.25, 4]",
+    ),
+    (
+        ["-m", "seg_densenet.evaluate", "pred={tmp}/missing", "gt=.", "output={tmp}/out"],
+        "pred=",
+        "existing folder",
+    ),
+    (
+        ["-m", "seg_densenet.evaluate", "ckpt={ckpt}", "input=.", "output={tmp}/out", "subset=holdout"],
+        "subset=holdout",
+        "one of train, val, test",
+    ),
+    (
+        [
+            "-m",
+            "seg_densenet.evaluate",
+            "ckpt={ckpt}",
+            "input=.",
+            "output={tmp}/out",
+            "+predict_options.batch_size=0",
+        ],
+        "predict_options.batch_size=0",
+        "integer >= 1",
+    ),
+    (
+        [
+            "-m",
+            "seg_densenet.evaluate",
+            "ckpt={ckpt}",
+            "input=.",
+            "output={tmp}/out",
+            "predict_options.tta=all",
+        ],
+        "predict_options.tta=all",
+        "one of false, true, d4",
+    ),
+    (
+        ["-m", "seg_densenet.export", "ckpt={ckpt}", "output={tmp}/m.onnx", "opset=5"],
+        "opset=5",
+        "integer >= 11",
+    ),
+    (
+        ["-m", "seg_densenet.robustness", "ckpt={ckpt}", "input=.", "output={tmp}/out", "patients=0"],
+        "patients=0",
+        "integer >= 1",
+    ),
+    (
+        ["-m", "seg_densenet.robustness", "ckpt={ckpt}", "input=.", "output={tmp}/out", "batch_size=-4"],
+        "batch_size=-4",
+        "integer >= 1",
+    ),
+    (
+        ["-m", "seg_densenet.robustness", "ckpt={ckpt}", "input=.", "output={tmp}/out", "device=gpu"],
+        "device=gpu",
+        "auto, cpu, cuda or cuda:N",
+    ),
 ]
 
 
-@pytest.mark.parametrize("args, option, allowed", BAD_OPTIONS, ids=[case[1].split("=")[0] for case in BAD_OPTIONS])
+@pytest.mark.parametrize(
+    "args, option, allowed", BAD_OPTIONS, ids=[case[1].split("=")[0] for case in BAD_OPTIONS]
+)
 def test_bad_option_through_the_cli(tmp_path, args, option, allowed):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"only its existence is checked before the checkpoint is read")
@@ -83,21 +138,45 @@ def test_every_shipped_experiment_passes(compose_app, experiment):
     "overrides, message",
     [
         (["trainer.max_epochs=0"], "trainer.max_epochs=0: must be an integer >= 1"),
-        (["data.foreground_fraction=1.5"], "data.foreground_fraction=1.5: must be a number in [0, 1] or null"),
+        (
+            ["data.foreground_fraction=1.5"],
+            "data.foreground_fraction=1.5: must be a number in [0, 1] or null",
+        ),
         (["data.fold=5"], "data.fold=5: must be an integer in [0, 4] (data.n_folds=5)"),
-        (["task.segment.module.loss=focal"], "task.segment.module.loss=focal: must be one of ce, dice, dice_ce"),
-        (["model.encoder_weights=no_such.pth"], "model.encoder_weights=no_such.pth: must be imagenet or an existing file or null"),
+        (
+            ["task.segment.module.loss=focal"],
+            "task.segment.module.loss=focal: must be one of ce, dice, dice_ce",
+        ),
+        (
+            ["model.encoder_weights=no_such.pth"],
+            "model.encoder_weights=no_such.pth: must be imagenet or an existing file or null",
+        ),
         (["data.percentiles=[99,1]"], "data.percentiles=[99, 1]: must be [low, high] with low < high"),
-        (["task.segment.module.class_weights=[1,1]"], "task.segment.module.class_weights=[1, 1]: must be a list of 4 numbers"),
+        (
+            ["task.segment.module.class_weights=[1,1]"],
+            "task.segment.module.class_weights=[1, 1]: must be a list of 4 numbers",
+        ),
         (["data.val_fraction=1.0"], "data.val_fraction=1.0: must be a number in [0, 1)"),
         (["model=fc_densenet56", "data.crop_size=[16,64]"], "at least [32, 32] for model fc_densenet56"),
         (["model.block_config=[0]"], "model DenseUNet: cannot be built: DenseNet block_config"),
-        (["data.target_spacing=[0,1.5]"], "data.target_spacing=[0, 1.5]: must be a pair [a, b] of numbers > 0"),
+        (
+            ["data.target_spacing=[0,1.5]"],
+            "data.target_spacing=[0, 1.5]: must be a pair [a, b] of numbers > 0",
+        ),
         (["trainer.precision=8"], "trainer.precision=8: must be one of"),
-        (["ckpt_path=no_such.ckpt"], "ckpt_path=no_such.ckpt: must be last, null or an existing checkpoint file"),
-        (["data.structures=[LV,LV]"], "data.structures=['LV', 'LV']: must be a list of distinct structure names"),
+        (
+            ["ckpt_path=no_such.ckpt"],
+            "ckpt_path=no_such.ckpt: must be last, null or an existing checkpoint file",
+        ),
+        (
+            ["data.structures=[LV,LV]"],
+            "data.structures=['LV', 'LV']: must be a list of distinct structure names",
+        ),
         (["data.label_mapping={1: -3}"], "data.label_mapping={1: -3}: must be a mapping of label values"),
-        (["data.structures=[LV]", "task.segment.module.class_weights=[1,1,1,1]"], "must be a list of 2 numbers"),
+        (
+            ["data.structures=[LV]", "task.segment.module.class_weights=[1,1,1,1]"],
+            "must be a list of 2 numbers",
+        ),
     ],
 )
 def test_training_options_checked_in_process(compose_app, overrides, message):
@@ -122,7 +201,10 @@ def test_a_read_only_output_folder_is_refused(compose_app, tmp_path):
     readonly = _readonly_mount(tmp_path / "ro")
     try:
         with pytest.raises(ConfigError, match=r"output=.*ro/sub: must be a folder .*choose another output="):
-            validate("predict", compose_app("predict", [f"ckpt={ckpt}", f"input={tmp_path}", f"output={readonly}/sub"]))
+            validate(
+                "predict",
+                compose_app("predict", [f"ckpt={ckpt}", f"input={tmp_path}", f"output={readonly}/sub"]),
+            )
     finally:
         _unmount(readonly)
 
@@ -130,14 +212,18 @@ def test_a_read_only_output_folder_is_refused(compose_app, tmp_path):
 def test_a_read_only_run_folder_is_one_line_before_hydra_makes_it(tmp_path):
     readonly = _readonly_mount(tmp_path / "ro")
     try:
-        proc = run_cli(["-m", "seg_densenet.train", "experiment=synthetic_quick", f"hydra.run.dir={readonly}/run"],
-                       timeout=120)
+        proc = run_cli(
+            ["-m", "seg_densenet.train", "experiment=synthetic_quick", f"hydra.run.dir={readonly}/run"],
+            timeout=120,
+        )
     finally:
         _unmount(readonly)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"error: hydra.run.dir={readonly}/run: must be a folder this user can create or write into "
-                     "(choose another hydra.run.dir=)"], proc.stderr[-2000:]
+    assert lines == [
+        f"error: hydra.run.dir={readonly}/run: must be a folder this user can create or write into "
+        "(choose another hydra.run.dir=)"
+    ], proc.stderr[-2000:]
 
 
 def _readonly_mount(path: Path) -> Path:
@@ -145,7 +231,9 @@ def _readonly_mount(path: Path) -> Path:
     import subprocess
 
     path.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)], capture_output=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)], capture_output=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
     return path

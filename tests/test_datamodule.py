@@ -104,9 +104,15 @@ def test_crop_jitter_moves_crops_reproducibly_and_keeps_image_and_mask_aligned(t
     for k, item in enumerate(first):
         i, z = dm.train_dataset().index[k]
         image, mask = (np.asarray(a[z]) for a in dm.entries["train"][i].load())
-        hits = [(y, x) for y in range(image.shape[0] - 31) for x in range(image.shape[1] - 31)
-                if np.array_equal(image[y:y + 32, x:x + 32], item["image"][0].numpy())]
-        assert hits and any(np.array_equal(mask[y:y + 32, x:x + 32], item["mask"].numpy()) for y, x in hits)
+        hits = [
+            (y, x)
+            for y in range(image.shape[0] - 31)
+            for x in range(image.shape[1] - 31)
+            if np.array_equal(image[y : y + 32, x : x + 32], item["image"][0].numpy())
+        ]
+        assert hits and any(
+            np.array_equal(mask[y : y + 32, x : x + 32], item["mask"].numpy()) for y, x in hits
+        )
     del still
     with pytest.raises(ConfigError, match="crop_jitter"):
         make_dm(root, tmp_path / "cache", crop_jitter=-1)
@@ -116,8 +122,12 @@ def test_patches_over_the_field_of_view_with_foreground_oversampling(tmp_path):
     # a small heart in a corner of a large field of view: uniform patches often miss it, foreground
     # patches always hold it, and every patch is a window of its slice (image and mask cut alike)
     root = write_dataset(tmp_path / "data", 5, shape=(96, 96, 3), spacing=SPACING, center=(24, 24))
-    always = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), foreground_fraction=1.0)
-    never = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), foreground_fraction=0.0)
+    always = make_dm(
+        root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), foreground_fraction=1.0
+    )
+    never = make_dm(
+        root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), foreground_fraction=0.0
+    )
     always.setup(), never.setup()
 
     def items(dm, seed):
@@ -134,9 +144,15 @@ def test_patches_over_the_field_of_view_with_foreground_oversampling(tmp_path):
     for k, item in enumerate(uniform[:4]):
         i, z = data.index[k]
         image, mask = (np.asarray(a[z]) for a in data.store.entries[i].load())
-        hits = [(y, x) for y in range(65) for x in range(65)
-                if np.array_equal(image[y:y + 32, x:x + 32], item["image"][0].numpy())]
-        assert hits and any(np.array_equal(mask[y:y + 32, x:x + 32], item["mask"].numpy()) for y, x in hits)
+        hits = [
+            (y, x)
+            for y in range(65)
+            for x in range(65)
+            if np.array_equal(image[y : y + 32, x : x + 32], item["image"][0].numpy())
+        ]
+        assert hits and any(
+            np.array_equal(mask[y : y + 32, x : x + 32], item["mask"].numpy()) for y, x in hits
+        )
     with pytest.raises(ConfigError, match="foreground_fraction"):
         make_dm(root, tmp_path / "cache", foreground_fraction=1.5)
 
@@ -147,7 +163,9 @@ def test_augment_margin_augments_a_larger_window_then_crops_it(tmp_path):
     margin = make_dm(root, tmp_path / "cache", target_spacing=None, crop_size=(32, 32), augment_margin=8)
     plain.setup(), margin.setup()
     seen = []
-    margin.augmentation = lambda image, mask: {"image": image, "mask": mask} if seen.append(image.shape) is None else None
+    margin.augmentation = lambda image, mask: (
+        {"image": image, "mask": mask} if seen.append(image.shape) is None else None
+    )
     with_margin, without = margin.train_dataset(), plain.train_dataset()
     for k in range(4):  # an identity augmentation: the margin is cut off again, the crop is unchanged
         a, b = with_margin[k], without[k]

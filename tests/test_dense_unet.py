@@ -60,7 +60,9 @@ def test_named_encoder_architecture_equals_encoder_params():
     for (ka, va), (kb, vb) in zip(named.state_dict().items(), params.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     # the named arguments win over encoder_params
-    wider = DenseUNet(growth_rate=6, encoder_params=SMALL, decoder_layers=(1, 1, 1, 1, 0), decoder_growth_rate=4)
+    wider = DenseUNet(
+        growth_rate=6, encoder_params=SMALL, decoder_layers=(1, 1, 1, 1, 0), decoder_growth_rate=4
+    )
     assert wider.encoder.feature_channels[1] == 8 + 6
 
 
@@ -68,7 +70,10 @@ def test_input_skip_feeds_the_image_to_the_full_resolution_stage():
     torch.manual_seed(0)
     plain = small()
     skip = small(input_skip=True)
-    assert skip.decoder.blocks[-1].layers[0].norm.num_features == plain.decoder.blocks[-1].layers[0].norm.num_features + 1
+    assert (
+        skip.decoder.blocks[-1].layers[0].norm.num_features
+        == plain.decoder.blocks[-1].layers[0].norm.num_features + 1
+    )
     x = torch.randn(2, 1, 45, 38, requires_grad=True)
     out = skip(x)
     assert out.shape == (2, 4, 45, 38)
@@ -180,8 +185,12 @@ def test_deep_supervision_adds_auxiliary_logits_in_training_only():
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     # weights 1, 1/2, 1/4 normalised; with one output it is the plain loss
-    parts = [DiceCELoss()(o, torch.nn.functional.interpolate(target[:, None].float(), size=o.shape[-2:])[:, 0].long())
-             for o in outputs]
+    parts = [
+        DiceCELoss()(
+            o, torch.nn.functional.interpolate(target[:, None].float(), size=o.shape[-2:])[:, 0].long()
+        )
+        for o in outputs
+    ]
     torch.testing.assert_close(loss, (parts[0] + parts[1] / 2 + parts[2] / 4) / 1.75)
     torch.testing.assert_close(deep_supervision_loss(DiceCELoss(), outputs[:1], target), parts[0])
     # evaluation: the logits alone, the same as the model without auxiliary heads

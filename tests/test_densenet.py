@@ -211,7 +211,8 @@ def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats(mode
 
 
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
 )
 def test_memory_efficient_matches_plain_under_bf16_autocast(device):
     """Memory-efficient mode under bf16 autocast (``trainer=gpu`` uses bf16-mixed), where it recomputes

@@ -31,7 +31,9 @@ def _saved(out, name):
     return np.asarray(nib.load(out / name).dataobj)
 
 
-def test_ensemble_probabilities_are_the_mean_of_its_members(trained_ckpt, second_ckpt, synthetic_root, tmp_path):
+def test_ensemble_probabilities_are_the_mean_of_its_members(
+    trained_ckpt, second_ckpt, synthetic_root, tmp_path
+):
     image = synthetic_root / "patient002" / "patient002_frame01.nii.gz"
     probs = {}
     for name, ckpt in (("a", trained_ckpt), ("b", second_ckpt), ("ab", [trained_ckpt, second_ckpt])):
@@ -57,13 +59,19 @@ def test_members_with_other_preprocessing_or_labels_are_refused(trained_ckpt, tm
     other = dict(ckpt, seg_densenet={**ckpt["seg_densenet"]})
     data = dict(other["seg_densenet"]["data"])
     settings = dict(data.get("preprocessing", data), normalization="minmax")
-    other["seg_densenet"]["data"] = {**data, "preprocessing": settings} if "preprocessing" in data else settings
+    other["seg_densenet"]["data"] = (
+        {**data, "preprocessing": settings} if "preprocessing" in data else settings
+    )
     path = tmp_path / "minmax.ckpt"
     torch.save(other, path)
-    with pytest.raises(CheckpointError, match=rf"{path}: cannot be averaged with {trained_ckpt}: its preprocessing"):
+    with pytest.raises(
+        CheckpointError, match=rf"{path}: cannot be averaged with {trained_ckpt}: its preprocessing"
+    ):
         build_predictor([trained_ckpt, path], device="cpu")
     record = ckpt["seg_densenet"]
-    relabelled = dict(ckpt, seg_densenet={**record, "data": {**record["data"], "structures": ["LV", "MYO", "RV"]}})
+    relabelled = dict(
+        ckpt, seg_densenet={**record, "data": {**record["data"], "structures": ["LV", "MYO", "RV"]}}
+    )
     path = tmp_path / "relabelled.ckpt"
     torch.save(relabelled, path)
     with pytest.raises(CheckpointError, match="its label set differs"):
@@ -72,7 +80,15 @@ def test_members_with_other_preprocessing_or_labels_are_refused(trained_ckpt, tm
 
 def test_predict_cli_takes_a_list_of_checkpoints(trained_ckpt, second_ckpt, synthetic_root, tmp_path):
     image = synthetic_root / "patient001" / "patient001_frame01.nii.gz"
-    result = run_cli(["-m", "seg_densenet.predict", f"ckpt=[{trained_ckpt},{second_ckpt}]", f"input={image}",
-                      f"output={tmp_path / 'pred'}", "tta=d4"])
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.predict",
+            f"ckpt=[{trained_ckpt},{second_ckpt}]",
+            f"input={image}",
+            f"output={tmp_path / 'pred'}",
+            "tta=d4",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "pred" / "patient001_frame01_pred.nii.gz").is_file()

@@ -198,12 +198,16 @@ def test_cli_split_evaluates_only_that_list_of_patients(tmp_path: Path) -> None:
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["patient001"], "val": [], "test": ["A1D0Q7"]}))
     out = tmp_path / "out"
-    result = _run(tmp_path, f"pred={pred_root}", f"gt={gt_root}", f"output={out}", "plots=false", f"split={split}")
+    result = _run(
+        tmp_path, f"pred={pred_root}", f"gt={gt_root}", f"output={out}", "plots=false", f"split={split}"
+    )
     assert result.returncode == 0, result.stderr
     _, rows = _read_csv(out / "metrics.csv")
     assert {row["case"] for row in rows} == {"A1D0Q7"}
     assert (out / "test_cases" / "A1D0Q7").is_symlink() and gt_root.joinpath("patient001").is_dir()
-    result = _run(tmp_path, f"pred={pred_root}", f"gt={gt_root}", f"output={out}", f"split={split}", "subset=val")
+    result = _run(
+        tmp_path, f"pred={pred_root}", f"gt={gt_root}", f"output={out}", f"split={split}", "subset=val"
+    )
     assert result.returncode == 2 and "the val list is empty" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -242,9 +246,9 @@ def test_cli_missing_folder_is_a_one_line_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     result = _run(tmp_path, f"pred={missing}", f"gt={tmp_path}", f"output={tmp_path / 'out'}")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: pred={missing}: must be an existing folder or null"], (
-        result.stderr
-    )
+    assert result.stderr.strip().splitlines() == [
+        f"error: pred={missing}: must be an existing folder or null"
+    ], result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -310,7 +314,7 @@ def test_overlays_colour_each_structure(tmp_path: Path) -> None:
     overlay_montage(image, gt, _labels(9, shift=2), {"RV": 1, "MYO": 2, "LV": 3}, "patient001 ED", path)
     pixels = mpimg.imread(path)[..., :3].reshape(-1, 3)
     for name, colour in STRUCTURE_COLOURS.items():
-        rgb = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        rgb = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
         # the ground-truth contour of each structure is drawn in its own colour, at full strength
         assert (np.abs(pixels - rgb).max(axis=1) < 0.08).sum() > 20, name
 
@@ -325,17 +329,35 @@ def test_html_report_renders_and_sorts_in_a_headless_browser(tmp_path: Path) -> 
     out = tmp_path / "out"
     evaluate_folders(pred_root, gt_root, out)
     page = (out / "report.html").as_uri()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", page],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", page],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert shot.stat().st_size > 50_000
     pixels = mpimg.imread(shot)[..., :3]
-    assert pixels.shape[:2] == (2400, 1200) and pixels.std() > 0.1  # text, tables and figures, not a blank page
+    # text, tables and figures, not a blank page
+    assert pixels.shape[:2] == (2400, 1200) and pixels.std() > 0.1
     # the sortable table, sorted by the browser itself (report.html#sort=-<column>: descending)
-    dom = subprocess.run([browser, *flags, "--dump-dom", "--virtual-time-budget=2000", page + "#sort=-patient"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", "--virtual-time-budget=2000", page + "#sort=-patient"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     table = dom.split('id="patients"', 1)[1].split("</table>", 1)[0]
     assert 'data-order="desc"' in table.split("</thead>", 1)[0]
-    rows = [re.findall(r'data-value="([^"]*)"', row) for row in table.split("<tbody>", 1)[1].split("<tr>")[1:]]
+    rows = [
+        re.findall(r'data-value="([^"]*)"', row) for row in table.split("<tbody>", 1)[1].split("<tr>")[1:]
+    ]
     assert [row[0] for row in rows] == sorted(PATIENTS, reverse=True)

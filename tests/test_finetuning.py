@@ -63,7 +63,9 @@ def test_encoder_frozen_for_the_first_epochs_then_trained(tmp_path):
 def test_frozen_batch_norm_keeps_its_statistics_while_the_weights_train(tmp_path):
     _, _, initial, states = _fit(tmp_path, epochs=2, freeze_encoder_bn=True)
     assert _changed(initial, states[1], "conv1.weight")
-    assert not _changed(initial, states[1], "running_mean") and not _changed(initial, states[1], "running_var")
+    assert not _changed(initial, states[1], "running_mean") and not _changed(
+        initial, states[1], "running_var"
+    )
 
 
 def test_encoder_learning_rate_multiplier_and_no_callback_without_options(tmp_path):

@@ -33,7 +33,11 @@ def test_label_set_rules():
     lv = LabelSet.from_config({"LV": 1})
     assert lv.num_classes == 2 and indices_for(lv.structures) == ["LV_EDV_ml", "LV_ESV_ml", "LV_EF_pct"]
     assert LabelSet.from_config(["Myocardium", "Scar"]).structures == {"Myocardium": 1, "Scar": 2}
-    assert LabelSet.from_config({"Scar": 2, "Myocardium": 1}).class_names == ["background", "Myocardium", "Scar"]
+    assert LabelSet.from_config({"Scar": 2, "Myocardium": 1}).class_names == [
+        "background",
+        "Myocardium",
+        "Scar",
+    ]
     assert indices_for(LabelSet.from_config({"Scar": 1}).structures) == []
     assert LabelSet.from_record({"data": {}}) == ACDC  # checkpoints from before label sets were recorded
     for bad, message in [

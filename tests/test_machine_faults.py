@@ -35,7 +35,9 @@ def tmpfs(path: Path, size: str, *, readonly: bool = False):
     """A tmpfs of ``size`` bytes (mount's syntax: ``256k``) at ``path``; skips the test without root."""
     path.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if readonly else "")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); these faults need root")
     try:
@@ -100,11 +102,22 @@ def test_predict_and_evaluate_take_images_smaller_than_the_network(trained_ckpt,
     labels[8:12, 8:12] = 3
     labels[2:6, 6:14] = 1
     for frame in (1, 5):
-        _write(case / f"patient001_frame{frame:02d}.nii.gz", (labels * 100 + rng.random((20, 20, 3)) * 20).astype(np.float32))
+        _write(
+            case / f"patient001_frame{frame:02d}.nii.gz",
+            (labels * 100 + rng.random((20, 20, 3)) * 20).astype(np.float32),
+        )
         _write(case / f"patient001_frame{frame:02d}_gt.nii.gz", labels)
     (case / "Info.cfg").write_text("ED: 1\nES: 5\nGroup: NOR\nHeight: 170.0\nWeight: 70.0\nNbFrame: 10\n")
-    proc = run_cli(["-m", "seg_densenet.evaluate", f"ckpt={trained_ckpt}", f"input={case.parent}",
-                    f"output={tmp_path / 'report'}", "plots=false"])
+    proc = run_cli(
+        [
+            "-m",
+            "seg_densenet.evaluate",
+            f"ckpt={trained_ckpt}",
+            f"input={case.parent}",
+            f"output={tmp_path / 'report'}",
+            "plots=false",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "report" / "metrics.csv").is_file()
 
@@ -124,7 +137,9 @@ def test_predict_into_a_full_disk(trained_ckpt, synthetic_root, tmp_path):
     with tmpfs(tmp_path / "disk", "256k") as disk:
         fill(disk)
         image = synthetic_root / "patient001" / "patient001_frame01.nii.gz"
-        proc = run_cli(["-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={image}", f"output={disk}/pred"])
+        proc = run_cli(
+            ["-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={image}", f"output={disk}/pred"]
+        )
         line = one_error_line(proc)
         assert "patient001_frame01_pred.nii.gz: disk full" in line and "choose another output=" in line, line
         assert not leftovers(disk) and not list(disk.rglob("*.nii.gz"))
@@ -133,18 +148,36 @@ def test_predict_into_a_full_disk(trained_ckpt, synthetic_root, tmp_path):
 def test_read_only_cache_folder_is_one_line(synthetic_root, tmp_path):
     with tmpfs(tmp_path / "cache", "1m", readonly=True) as cache:
         args = [a for a in quick_overrides(tmp_path, synthetic_root) if not a.startswith("data.cache_dir")]
-        proc = run_cli(["-m", "seg_densenet.train", *args, "task=segment", f"data.cache_dir={cache}",
-                        f"hydra.run.dir={tmp_path / 'run'}"])
+        proc = run_cli(
+            [
+                "-m",
+                "seg_densenet.train",
+                *args,
+                "task=segment",
+                f"data.cache_dir={cache}",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ]
+        )
         line = one_error_line(proc)
         assert str(cache) in line and "read-only: choose another data.cache_dir=" in line, line
 
 
-def test_disk_full_at_a_checkpoint_keeps_the_last_good_one_and_resumes(trained_ckpt, synthetic_root, tmp_path):
+def test_disk_full_at_a_checkpoint_keeps_the_last_good_one_and_resumes(
+    trained_ckpt, synthetic_root, tmp_path
+):
     size = trained_ckpt.stat().st_size  # the same network and optimiser as below
     with tmpfs(tmp_path / "disk", f"{int(2.5 * size) + 200_000}") as disk:
         run = disk / "run"
-        args = ["-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), "task=segment", "test=false",
-                "model.drop_rate=0.1", "trainer.max_epochs=2", f"hydra.run.dir={run}"]
+        args = [
+            "-m",
+            "seg_densenet.train",
+            *quick_overrides(tmp_path, synthetic_root),
+            "task=segment",
+            "test=false",
+            "model.drop_rate=0.1",
+            "trainer.max_epochs=2",
+            f"hydra.run.dir={run}",
+        ]
         line = one_error_line(run_cli(args))
         assert "disk full: it needs" in line and "MB free: free" in line and "ckpt_path=last" in line, line
         assert not leftovers(disk)
@@ -167,7 +200,10 @@ def test_a_failed_write_outside_the_atomic_writers_is_one_line(tmp_path):
     exc = OSError(errno.ENOSPC, "No space left on device")
     assert "No space left on device: free space on the output's disk" in str(user_error(exc))
     exc = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "metrics.csv"))
-    assert str(user_error(exc)) == f"{tmp_path / 'metrics.csv'}: no permission to write there: choose another output folder"
+    assert (
+        str(user_error(exc))
+        == f"{tmp_path / 'metrics.csv'}: no permission to write there: choose another output folder"
+    )
 
 
 # --- data that vanishes mid-run ------------------------------------------------------------------
@@ -180,9 +216,21 @@ def test_input_folder_removed_during_prediction(trained_ckpt, synthetic_root, tm
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={inputs}", f"output={out}",
-         "tta=false", "batch_size=2"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "seg_densenet.predict",
+            f"ckpt={trained_ckpt}",
+            f"input={inputs}",
+            f"output={out}",
+            "tta=false",
+            "batch_size=2",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     while not list(out.rglob("*_pred.nii.gz")) and proc.poll() is None and time.time() < deadline:
@@ -218,8 +266,10 @@ def test_cache_removed_during_training_is_a_data_error(tmp_path, synthetic_root)
 def test_worker_tracebacks_are_cut_to_the_original_line(capsys):
     from seg_densenet.utils.cli import fail
 
-    message = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-               '  File "x.py", line 1, in f\nseg_densenet.errors.DataError: /c/a.image.npy: cached array vanished\n')
+    message = (
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nseg_densenet.errors.DataError: /c/a.image.npy: cached array vanished\n'
+    )
     with pytest.raises(SystemExit) as exit_:
         fail(message)
     assert exit_.value.code == 2
@@ -230,8 +280,14 @@ def test_worker_tracebacks_are_cut_to_the_original_line(capsys):
 def _start(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(procs: list[subprocess.Popen]) -> None:
@@ -245,8 +301,19 @@ def test_two_trainings_share_one_cache(synthetic_root, tmp_path):
     runs = []
     for name in ("a", "b"):
         args = [a for a in quick_overrides(tmp_path, synthetic_root) if not a.startswith("data.cache_dir")]
-        runs.append(_start(["-m", "seg_densenet.train", *args, "task=segment", "test=false", f"data.cache_dir={cache}",
-                            f"hydra.run.dir={tmp_path / name}"]))
+        runs.append(
+            _start(
+                [
+                    "-m",
+                    "seg_densenet.train",
+                    *args,
+                    "task=segment",
+                    "test=false",
+                    f"data.cache_dir={cache}",
+                    f"hydra.run.dir={tmp_path / name}",
+                ]
+            )
+        )
     _finish(runs)
     assert not leftovers(cache)
     entries = sorted(cache.glob("*.json"))
@@ -264,7 +331,14 @@ def test_two_predictions_write_one_output_tree(trained_ckpt, synthetic_root, tmp
     for case in sorted(p for p in synthetic_root.iterdir() if p.is_dir())[:2]:
         shutil.copytree(case, inputs / case.name)
     out = tmp_path / "pred"
-    args = ["-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={inputs}", f"output={out}", "tta=false"]
+    args = [
+        "-m",
+        "seg_densenet.predict",
+        f"ckpt={trained_ckpt}",
+        f"input={inputs}",
+        f"output={out}",
+        "tta=false",
+    ]
     _finish([_start(args), _start(args)])
     images = [p for p in inputs.rglob("*.nii.gz") if not p.name.endswith("_gt.nii.gz")]
     preds = sorted(out.rglob("*_pred.nii.gz"))
@@ -289,9 +363,15 @@ def test_data_folder_removed_during_training_does_not_stop_it(compose_cfg, synth
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_root, data)
-    cfg = compose_cfg([*quick_overrides(tmp_path, data), "task=segment", "trainer.max_epochs=2",
-                       "+callbacks.remove_data._target_=tests.test_machine_faults.RemoveFolder",
-                       f"+callbacks.remove_data.folder={data}"])
+    cfg = compose_cfg(
+        [
+            *quick_overrides(tmp_path, data),
+            "task=segment",
+            "trainer.max_epochs=2",
+            "+callbacks.remove_data._target_=tests.test_machine_faults.RemoveFolder",
+            f"+callbacks.remove_data.folder={data}",
+        ]
+    )
     metrics = train(cfg)  # after setup, training reads only the cache
     assert not data.exists()
     assert "test/dice" in metrics and (tmp_path / "run" / "summary.json").is_file()

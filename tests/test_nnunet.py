@@ -14,8 +14,11 @@ from seg_densenet.data.nnunet import read_dataset_json
 from seg_densenet.errors import DataError
 
 # LV and myocardium only, in another order than ACDC's: the classes must come from dataset.json
-DATASET = {"channel_names": {"0": "cine MRI"}, "labels": {"background": 0, "LV": 1, "MYO": 2},
-           "file_ending": ".nii.gz"}
+DATASET = {
+    "channel_names": {"0": "cine MRI"},
+    "labels": {"background": 0, "LV": 1, "MYO": 2},
+    "file_ending": ".nii.gz",
+}
 ACDC_TO_DATASET = np.array([0, 0, 2, 1])  # RV -> background, MYO -> 2, LV -> 1
 
 
@@ -44,7 +47,9 @@ def test_discovery_and_the_classes_of_dataset_json(tmp_path, synthetic_root):
     frame = cases[0].frames["all"]
     assert frame.image.name == "patient001_frame01_0000.nii.gz" and frame.label.parent.name == "labelsTr"
     # nnU-Net v1 writes labels as value -> name
-    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "labels": {"0": "background", "2": "MYO", "1": "LV"}}))
+    (root / "dataset.json").write_text(
+        json.dumps({"modality": {"0": "MRI"}, "labels": {"0": "background", "2": "MYO", "1": "LV"}})
+    )
     assert read_dataset_json(root)["structures"] == ["LV", "MYO"]
 
 
@@ -57,8 +62,12 @@ def test_a_split_links_its_cases_into_a_dataset_of_their_own(tmp_path, synthetic
     for _ in range(2):  # a second run replaces the links of the first
         assert _link_cases(root, chosen, dest) == dest
         assert (dest / "dataset.json").resolve() == (root / "dataset.json").resolve()
-        assert sorted(p.name for p in (dest / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in sorted(chosen)]
-        assert sorted(p.name for p in (dest / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in sorted(chosen)]
+        assert sorted(p.name for p in (dest / "imagesTr").iterdir()) == [
+            f"{c}_0000.nii.gz" for c in sorted(chosen)
+        ]
+        assert sorted(p.name for p in (dest / "labelsTr").iterdir()) == [
+            f"{c}.nii.gz" for c in sorted(chosen)
+        ]
         assert all(p.is_symlink() for p in (dest / "labelsTr").iterdir())
     with pytest.raises(DataError, match="no label map for the split's patient.s. patient999_frame01"):
         _link_cases(root, {"patient999_frame01"}, tmp_path / "elsewhere")
@@ -90,10 +99,15 @@ def test_a_label_map_without_its_image_is_named(tmp_path, synthetic_root):
     with pytest.raises(DataError, match="patient002_frame01_0000.nii.gz: file not found"):
         discover_cases(root, {"format": "nnunet"})
     errors: list = []
-    assert len(discover_cases(root, {"format": "nnunet"}, errors=errors)) == 9 and errors[0][0] == "patient002_frame01"
+    assert (
+        len(discover_cases(root, {"format": "nnunet"}, errors=errors)) == 9
+        and errors[0][0] == "patient002_frame01"
+    )
 
 
-def test_data_nnunet_trains_predicts_and_evaluates_with_the_classes_of_dataset_json(compose_cfg, tmp_path, synthetic_root):
+def test_data_nnunet_trains_predicts_and_evaluates_with_the_classes_of_dataset_json(
+    compose_cfg, tmp_path, synthetic_root
+):
     from hydra import compose, initialize_config_dir
 
     from seg_densenet.checkpoint import read_checkpoint
@@ -115,8 +129,16 @@ def test_data_nnunet_trains_predicts_and_evaluates_with_the_classes_of_dataset_j
     assert read_checkpoint(ckpt)["seg_densenet"]["data"]["structures"] == ["LV", "MYO"]
     # evaluate ckpt= input=<the dataset>: predicts imagesTr/, pairs labelsTr/, one phase ("all")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        eval_cfg = compose(config_name="evaluate", overrides=[
-            f"ckpt={ckpt}", f"input={root}", f"output={tmp_path / 'report'}", "plots=false", "predict_options.tta=false"])
+        eval_cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"ckpt={ckpt}",
+                f"input={root}",
+                f"output={tmp_path / 'report'}",
+                "plots=false",
+                "predict_options.tta=false",
+            ],
+        )
     summary = evaluate(eval_cfg)
     written = sorted((tmp_path / "report" / "predictions").glob("*_pred.nii.gz"))
     assert len(written) == 10 and written[0].name == "patient001_frame01_0000_pred.nii.gz"
@@ -126,9 +148,18 @@ def test_data_nnunet_trains_predicts_and_evaluates_with_the_classes_of_dataset_j
     # split= subset=: the run's held-out cases only, linked into a dataset of their own
     held_out = json.loads((Path(cfg.paths.output_dir) / "split.json").read_text())["val"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        eval_cfg = compose(config_name="evaluate", overrides=[
-            f"ckpt={ckpt}", f"input={root}", f"output={tmp_path / 'val_report'}", "plots=false",
-            "predict_options.tta=false", f"split={Path(cfg.paths.output_dir) / 'split.json'}", "subset=val"])
+        eval_cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"ckpt={ckpt}",
+                f"input={root}",
+                f"output={tmp_path / 'val_report'}",
+                "plots=false",
+                "predict_options.tta=false",
+                f"split={Path(cfg.paths.output_dir) / 'split.json'}",
+                "subset=val",
+            ],
+        )
     evaluate(eval_cfg)
     written = sorted((tmp_path / "val_report" / "predictions").glob("*_pred.nii.gz"))
     assert [p.name for p in written] == [f"{case}_0000_pred.nii.gz" for case in sorted(held_out)]

@@ -18,19 +18,22 @@ def _saved(path, data: np.ndarray, affine: np.ndarray):
     return path
 
 
-@pytest.mark.parametrize("shape, zooms, expected", [
-    ((96, 96, 10), (1.5, 1.5, 8.0), 2),
-    ((10, 96, 96), (8.0, 1.5, 1.5), 0),
-    ((96, 10, 96), (1.5, 8.0, 1.5), 1),
-    ((20, 96, 96), (1.5, 1.5, 8.0), 2),   # the spacing decides before the shape
-    ((216, 256, 10), (1.0, 1.0, 1.0), 2),  # a header that says 1 mm everywhere: the shortest axis
-    ((10, 216, 256), (1.0, 1.0, 1.0), 0),
-    ((256, 10, 216), (1.0, 1.0, 1.0), 1),
-    ((100, 100, 12), (1.25, 1.25, 1.8), 2),  # 1.44x: not clearly a slice gap; the shape decides
-    ((12, 100, 100), (1.8, 1.25, 1.25), 0),
-    ((40, 48, 44), (1.0, 1.1, 1.2), 2),    # nothing stands out: the (X, Y, Z) convention
-    ((30, 40, 50), (1.0, 1.0, 1.0), 2),
-])
+@pytest.mark.parametrize(
+    "shape, zooms, expected",
+    [
+        ((96, 96, 10), (1.5, 1.5, 8.0), 2),
+        ((10, 96, 96), (8.0, 1.5, 1.5), 0),
+        ((96, 10, 96), (1.5, 8.0, 1.5), 1),
+        ((20, 96, 96), (1.5, 1.5, 8.0), 2),  # the spacing decides before the shape
+        ((216, 256, 10), (1.0, 1.0, 1.0), 2),  # a header that says 1 mm everywhere: the shortest axis
+        ((10, 216, 256), (1.0, 1.0, 1.0), 0),
+        ((256, 10, 216), (1.0, 1.0, 1.0), 1),
+        ((100, 100, 12), (1.25, 1.25, 1.8), 2),  # 1.44x: not clearly a slice gap; the shape decides
+        ((12, 100, 100), (1.8, 1.25, 1.25), 0),
+        ((40, 48, 44), (1.0, 1.1, 1.2), 2),  # nothing stands out: the (X, Y, Z) convention
+        ((30, 40, 50), (1.0, 1.0, 1.0), 2),
+    ],
+)
 def test_slice_axis_from_spacing_then_shape(tmp_path, shape, zooms, expected):
     rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # oblique-free but not diagonal
     affine = np.eye(4)
@@ -77,7 +80,9 @@ def test_permuted_scan_gives_the_permuted_prediction(predictor, synthetic_root, 
     got = predictor.predict(moved)
     assert got["labels"].shape == moved.shape and got["probs"].shape == (4, *moved.shape)
     np.testing.assert_array_equal(got["labels"], expected["labels"].transpose(order))
-    np.testing.assert_allclose(got["probs"], expected["probs"].transpose(0, *(a + 1 for a in order)), atol=1e-5)
+    np.testing.assert_allclose(
+        got["probs"], expected["probs"].transpose(0, *(a + 1 for a in order)), atol=1e-5
+    )
     np.testing.assert_allclose(got["entropy"], expected["entropy"].transpose(order), atol=1e-5)
     assert len(np.unique(expected["labels"])) > 1  # a prediction worth comparing
 
@@ -94,5 +99,7 @@ def test_predict_cli_writes_a_slices_first_scan_in_its_own_geometry(trained_ckpt
     xyz, zxy = (nib.load(tmp_path / "out" / f"{name}_pred.nii.gz") for name in ("xyz", "zxy"))
     assert zxy.shape == data.transpose(2, 0, 1).shape
     np.testing.assert_allclose(zxy.affine, moved_affine, atol=1e-6)
-    np.testing.assert_allclose(zxy.header.get_zooms(), np.asarray(src.header.get_zooms())[[2, 0, 1]], atol=1e-6)
+    np.testing.assert_allclose(
+        zxy.header.get_zooms(), np.asarray(src.header.get_zooms())[[2, 0, 1]], atol=1e-6
+    )
     np.testing.assert_array_equal(np.asarray(zxy.dataobj), np.asarray(xyz.dataobj).transpose(2, 0, 1))

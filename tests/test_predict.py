@@ -45,8 +45,20 @@ def test_predict_acdc_tree_mirrors_input_and_keeps_geometry(trained_ckpt, synthe
 def test_predict_options_tta_lcc_mc_dropout_probs(trained_ckpt, synthetic_root, tmp_path):
     image = next(synthetic_root.glob("patient001/patient001_frame01.nii.gz"))
     out = tmp_path / "pred"
-    result = _predict([f"ckpt={trained_ckpt}", f"input={image}", f"output={out}", "tta=d4", "postprocess=lcc",
-                       "mc_samples=3", "save_probs=true", "device=cpu", "precision=bf16", "scales=[1.0,0.8]"])
+    result = _predict(
+        [
+            f"ckpt={trained_ckpt}",
+            f"input={image}",
+            f"output={out}",
+            "tta=d4",
+            "postprocess=lcc",
+            "mc_samples=3",
+            "save_probs=true",
+            "device=cpu",
+            "precision=bf16",
+            "scales=[1.0,0.8]",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     shape = nib.load(image).shape
     unc = nib.load(out / "patient001_frame01_uncertainty.nii.gz")
@@ -83,8 +95,16 @@ def test_predict_and_evaluate_follow_symlinked_case_folders(trained_ckpt, synthe
     written = sorted(p.relative_to(out) for p in out.rglob("*_pred.nii.gz"))
     assert len(written) == 2 * len(cases) and {p.parts[0] for p in written} == {c.name for c in cases}
     assert all(not p.is_symlink() for p in out.iterdir())  # outputs are real folders, links untouched
-    result = run_cli(["-m", "seg_densenet.evaluate", f"pred={out}", f"gt={tree}", f"output={tmp_path / 'report'}",
-                      "plots=false"])
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.evaluate",
+            f"pred={out}",
+            f"gt={tree}",
+            f"output={tmp_path / 'report'}",
+            "plots=false",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "report" / "summary.json").is_file()
 
@@ -108,9 +128,19 @@ def test_predict_never_writes_over_its_input(trained_ckpt, synthetic_root, tmp_p
 def test_prediction_killed_midway_leaves_no_partial_mask(trained_ckpt, synthetic_root, tmp_path):
     out = tmp_path / "pred"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "seg_densenet.predict", f"ckpt={trained_ckpt}", f"input={synthetic_root}",
-         f"output={out}", "batch_size=1", "mc_samples=3"],  # three passes per slice: slow enough to kill
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "seg_densenet.predict",
+            f"ckpt={trained_ckpt}",
+            f"input={synthetic_root}",
+            f"output={out}",
+            "batch_size=1",
+            "mc_samples=3",
+        ],  # three passes per slice: slow enough to kill
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(out.rglob("*_pred.nii.gz")):
@@ -130,8 +160,16 @@ def test_prediction_killed_midway_leaves_no_partial_mask(trained_ckpt, synthetic
 
 def test_export_onnx_matches_pytorch(trained_ckpt, tmp_path):
     out = tmp_path / "model.onnx"
-    result = run_cli(["-m", "seg_densenet.export", f"ckpt={trained_ckpt}", "format=onnx", f"output={out}",
-                      "image_size=[96,112]"])
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.export",
+            f"ckpt={trained_ckpt}",
+            "format=onnx",
+            f"output={out}",
+            "image_size=[96,112]",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and "max difference" in result.stdout
     import onnxruntime as ort
@@ -141,7 +179,12 @@ def test_export_onnx_matches_pytorch(trained_ckpt, tmp_path):
 
     model, _ = load_model(trained_ckpt)
     model.eval()
-    for shape in [(1, 1, 96, 112), (5, 1, 96, 112), (2, 1, 133, 97), (1, 1, 216, 256)]:  # dynamic batch and size
+    for shape in [
+        (1, 1, 96, 112),
+        (5, 1, 96, 112),
+        (2, 1, 133, 97),
+        (1, 1, 216, 256),
+    ]:  # dynamic batch and size
         x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         logits = session.run(None, {"image": x})[0]
         assert logits.shape == (shape[0], 4, *shape[2:])
@@ -193,7 +236,9 @@ def test_channels_last_predicts_what_nchw_predicts(trained_ckpt, tmp_path):
         model, record = load_model(trained_ckpt)
         preprocessor = preprocessor_from_record(record["data"])
         predictor = Predictor(model, preprocessor, keep_probs=True, channels_last=channels_last)
-        kernels = [p for p in predictor.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+        kernels = [
+            p for p in predictor.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1
+        ]
         assert all(k.is_contiguous(memory_format=torch.channels_last) == channels_last for k in kernels)
         results.append(predictor.predict(volume))
     np.testing.assert_allclose(results[0]["probs"], results[1]["probs"], atol=1e-5)
@@ -201,6 +246,7 @@ def test_channels_last_predicts_what_nchw_predicts(trained_ckpt, tmp_path):
 
 
 # test-time augmentation: only the in-plane symmetries the training augmentation produced
+
 
 def _compose(*transforms: dict) -> dict:
     return {"_target_": "albumentations.Compose", "_convert_": "all", "transforms": list(transforms)}
@@ -211,28 +257,52 @@ _HFLIP = {"_target_": "albumentations.HorizontalFlip", "p": 0.5}
 _VFLIP = {"_target_": "albumentations.VerticalFlip", "p": 0.5}
 
 
-@pytest.mark.parametrize("augmentation, expected", [
-    (None, ["identity"]),
-    (_compose(), ["identity"]),
-    (_compose(_AFFINE_15), ["identity"]),  # the no-flip default (conf/augmentation/cardiac.yaml)
-    (_compose(_AFFINE_15, _HFLIP, _VFLIP), ["identity", "hflip", "vflip", "rot180"]),
-    (_compose(_HFLIP), ["identity", "hflip"]),
-    (_compose(_HFLIP, {**_VFLIP, "p": 0.0}), ["identity", "hflip"]),
-    (_compose({"_target_": "albumentations.Affine", "rotate": [-180, 180]}), ["identity", "rot180", "rot90", "rot270"]),
-    (_compose({"_target_": "albumentations.Affine", "rotate": [-90, 90]}), ["identity", "rot90", "rot270"]),
-    (_compose({"_target_": "albumentations.Affine", "rotate": [0, 100]}), ["identity", "rot90"]),  # +90 is rot90's sense
-    (_compose({"_target_": "albumentations.Rotate", "limit": 180}), ["identity", "rot180", "rot90", "rot270"]),
-    (_compose({"_target_": "albumentations.ShiftScaleRotate"}), ["identity"]),  # default ±45°
-    (_compose({"_target_": "albumentations.Affine", "rotate": [-180, 180]}, _HFLIP), [
-        "identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"]),
-    (_compose({"_target_": "albumentations.RandomRotate90"}, _HFLIP), [
-        "identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"]),
-    (_compose({"_target_": "albumentations.Transpose"}), ["identity", "transpose"]),
-    (_compose({"_target_": "albumentations.D4"}), [
-        "identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"]),
-    (_compose({"_target_": "albumentations.OneOf", "transforms": [_HFLIP, _VFLIP]}), ["identity", "hflip", "vflip"]),
-    ({**_compose(_HFLIP, _VFLIP), "p": 0.0}, ["identity"]),
-])
+@pytest.mark.parametrize(
+    "augmentation, expected",
+    [
+        (None, ["identity"]),
+        (_compose(), ["identity"]),
+        (_compose(_AFFINE_15), ["identity"]),  # the no-flip default (conf/augmentation/cardiac.yaml)
+        (_compose(_AFFINE_15, _HFLIP, _VFLIP), ["identity", "hflip", "vflip", "rot180"]),
+        (_compose(_HFLIP), ["identity", "hflip"]),
+        (_compose(_HFLIP, {**_VFLIP, "p": 0.0}), ["identity", "hflip"]),
+        (
+            _compose({"_target_": "albumentations.Affine", "rotate": [-180, 180]}),
+            ["identity", "rot180", "rot90", "rot270"],
+        ),
+        (
+            _compose({"_target_": "albumentations.Affine", "rotate": [-90, 90]}),
+            ["identity", "rot90", "rot270"],
+        ),
+        (
+            _compose({"_target_": "albumentations.Affine", "rotate": [0, 100]}),
+            ["identity", "rot90"],
+        ),  # +90 is rot90's sense
+        (
+            _compose({"_target_": "albumentations.Rotate", "limit": 180}),
+            ["identity", "rot180", "rot90", "rot270"],
+        ),
+        (_compose({"_target_": "albumentations.ShiftScaleRotate"}), ["identity"]),  # default ±45°
+        (
+            _compose({"_target_": "albumentations.Affine", "rotate": [-180, 180]}, _HFLIP),
+            ["identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"],
+        ),
+        (
+            _compose({"_target_": "albumentations.RandomRotate90"}, _HFLIP),
+            ["identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"],
+        ),
+        (_compose({"_target_": "albumentations.Transpose"}), ["identity", "transpose"]),
+        (
+            _compose({"_target_": "albumentations.D4"}),
+            ["identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose"],
+        ),
+        (
+            _compose({"_target_": "albumentations.OneOf", "transforms": [_HFLIP, _VFLIP]}),
+            ["identity", "hflip", "vflip"],
+        ),
+        ({**_compose(_HFLIP, _VFLIP), "p": 0.0}, ["identity"]),
+    ],
+)
 def test_tta_transforms_are_those_the_training_augmentation_covers(augmentation, expected):
     from seg_densenet.predict import tta_transforms
 
@@ -300,7 +370,9 @@ class _SymmetricNet(torch.nn.Module):
         with torch.no_grad():
             for conv in (self.conv1, self.conv2):
                 w = conv.weight
-                w.copy_(sum(torch.rot90(v, k, (-2, -1)) for v in (w, w.transpose(-2, -1)) for k in range(4)) / 8)
+                w.copy_(
+                    sum(torch.rot90(v, k, (-2, -1)) for v in (w, w.transpose(-2, -1)) for k in range(4)) / 8
+                )
 
     def forward(self, x):
         return self.conv2(torch.relu(self.conv1(x)))
@@ -341,7 +413,9 @@ def test_tta_averages_the_transformed_predictions_of_a_trained_model(trained_ckp
         return np.ascontiguousarray(np.moveaxis((g.invert(t) if invert else g.apply(t)).numpy(), 0, -1))
 
     for transforms in ([HFLIP], [ROT90], [IDENTITY, HFLIP, ROT90]):
-        expected = np.mean([on_slices(g, probs_of(on_slices(g, data), no_tta), invert=True) for g in transforms], 0)
+        expected = np.mean(
+            [on_slices(g, probs_of(on_slices(g, data), no_tta), invert=True) for g in transforms], 0
+        )
         got = probs_of(data, Predictor(model, Preprocessor(), keep_probs=True, tta_transforms=transforms))
         np.testing.assert_allclose(got, expected, atol=1e-5)
     full = probs_of(data, Predictor(model, Preprocessor(), keep_probs=True, tta_transforms=D4))
@@ -368,8 +442,9 @@ def test_scales_average_the_zoomed_predictions_resized_back(trained_ckpt):
     got = Predictor(model, Preprocessor(), scales=[1.0, 1.25])._probabilities(slices)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert (got - single._probabilities(slices)).abs().max() > 1e-3  # the second scale changed something
-    torch.testing.assert_close(Predictor(model, Preprocessor(), scales=[1.0])._probabilities(slices),
-                               single._probabilities(slices))
+    torch.testing.assert_close(
+        Predictor(model, Preprocessor(), scales=[1.0])._probabilities(slices), single._probabilities(slices)
+    )
     with pytest.raises(ConfigError, match="between 0.25 and 4"):
         Predictor(model, Preprocessor(), scales=[1.0, 0.0])
 
@@ -407,8 +482,15 @@ def test_evaluate_passes_tta_to_prediction(monkeypatch, tmp_path):
     monkeypatch.setattr(seg_densenet.predict, "predict_tree", fake_predict_tree)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=[
-            f"ckpt={tmp_path / 'x.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}", "predict_options.tta=d4"])
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                f"ckpt={tmp_path / 'x.ckpt'}",
+                f"input={tmp_path}",
+                f"output={tmp_path / 'out'}",
+                "predict_options.tta=d4",
+            ],
+        )
     GlobalHydra.instance().clear()
     with pytest.raises(Stop):
         evaluate(cfg)
@@ -423,10 +505,20 @@ def test_onnxruntime_backend_matches_torch_and_caches_its_export(trained_ckpt, s
     outputs = {}
     for backend in ("torch", "onnxruntime", "auto"):
         out = tmp_path / backend
-        predict_tree(trained_ckpt, image, out, tta="d4", postprocess=None, save_probs=True, device="cpu",
-                     backend=backend)
-        outputs[backend] = (np.asarray(nib.load(out / "patient002_frame01_pred.nii.gz").dataobj),
-                            np.asarray(nib.load(out / "patient002_frame01_probs.nii.gz").dataobj))
+        predict_tree(
+            trained_ckpt,
+            image,
+            out,
+            tta="d4",
+            postprocess=None,
+            save_probs=True,
+            device="cpu",
+            backend=backend,
+        )
+        outputs[backend] = (
+            np.asarray(nib.load(out / "patient002_frame01_pred.nii.gz").dataobj),
+            np.asarray(nib.load(out / "patient002_frame01_probs.nii.gz").dataobj),
+        )
     export = trained_ckpt.with_name(f"{trained_ckpt.name}.{file_digest(trained_ckpt)[:16]}.onnx")
     assert export.is_file()
     (labels, probs), (ort_labels, ort_probs) = outputs["torch"], outputs["onnxruntime"]

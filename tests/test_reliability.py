@@ -40,7 +40,10 @@ def dataset(tmp_path, synthetic_root):
 
 
 def _train(tmp_path, root, *extra: str):
-    overrides = [o for o in quick_overrides(tmp_path, root)] + ["task=segment", f"hydra.run.dir={tmp_path / 'run'}"]
+    overrides = [o for o in quick_overrides(tmp_path, root)] + [
+        "task=segment",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     return run_cli(["-m", "seg_densenet.train", *overrides, *extra])
 
 
@@ -162,17 +165,30 @@ def test_unknown_model_option_lists_valid_options(tmp_path, dataset):
 
 # -- checkpoints ------------------------------------------------------------------------------------
 def _predict(ckpt, tmp_path, synthetic_root):
-    return run_cli(["-m", "seg_densenet.predict", f"ckpt={ckpt}", f"input={_image(synthetic_root)}",
-                    f"output={tmp_path / 'pred'}"])
+    return run_cli(
+        [
+            "-m",
+            "seg_densenet.predict",
+            f"ckpt={ckpt}",
+            f"input={_image(synthetic_root)}",
+            f"output={tmp_path / 'pred'}",
+        ]
+    )
 
 
 def test_checkpoint_of_another_architecture_lists_keys(trained_ckpt, tmp_path, synthetic_root):
     ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
-    ckpt["seg_densenet"]["model"] = {"_target_": "seg_densenet.models.build_model", "name": "fc_densenet56",
-                                     "in_channels": 1, "num_classes": 4}
+    ckpt["seg_densenet"]["model"] = {
+        "_target_": "seg_densenet.models.build_model",
+        "name": "fc_densenet56",
+        "in_channels": 1,
+        "num_classes": 4,
+    }
     other = tmp_path / "other.ckpt"
     torch.save(ckpt, other)
-    line = _assert_one_line_error(_predict(other, tmp_path, synthetic_root), str(other), "missing", "unexpected")
+    line = _assert_one_line_error(
+        _predict(other, tmp_path, synthetic_root), str(other), "missing", "unexpected"
+    )
     assert "FCDenseNet" in line
     assert not (tmp_path / "pred").exists()
 
@@ -205,15 +221,30 @@ def test_malicious_pickle_checkpoint_is_refused(tmp_path, synthetic_root):
 def test_full_traceback_with_hydra_full_error(tmp_path, synthetic_root):
     fake = tmp_path / "model.ckpt"
     fake.write_text("nope\n")
-    result = run_cli(["-m", "seg_densenet.predict", f"ckpt={fake}", f"input={_image(synthetic_root)}",
-                      f"output={tmp_path / 'pred'}"], env={"HYDRA_FULL_ERROR": "1"})
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.predict",
+            f"ckpt={fake}",
+            f"input={_image(synthetic_root)}",
+            f"output={tmp_path / 'pred'}",
+        ],
+        env={"HYDRA_FULL_ERROR": "1"},
+    )
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
 # -- numerical guard --------------------------------------------------------------------------------
 def test_non_finite_loss_stops_training_without_checkpoints(tmp_path, dataset):
-    result = _train(tmp_path, dataset, "optim=sgd", "optim.lr=1e30", "scheduler=none", "trainer.max_epochs=2",
-                    "++trainer.limit_train_batches=4")
+    result = _train(
+        tmp_path,
+        dataset,
+        "optim=sgd",
+        "optim.lr=1e30",
+        "scheduler=none",
+        "trainer.max_epochs=2",
+        "++trainer.limit_train_batches=4",
+    )
     line = _assert_one_line_error(result, "non-finite loss", "step", "patient")
     assert "batch cases" in line
     assert not list((tmp_path / "run").rglob("*.ckpt"))
@@ -235,7 +266,9 @@ runpy.run_module("seg_densenet.predict", run_name="__main__", alter_sys=True)
 def test_out_of_memory_gives_the_batch_size_hint_and_the_budget_avoids_it(trained_ckpt, tmp_path):
     # 1024x1024 slices at the model's own spacing (no resampling), 8 of them
     data = np.random.default_rng(0).normal(100, 20, size=(1024, 1024, 8)).astype(np.float32)
-    spacing = torch.load(trained_ckpt, map_location="cpu", weights_only=True)["seg_densenet"]["data"]["target_spacing"]
+    spacing = torch.load(trained_ckpt, map_location="cpu", weights_only=True)["seg_densenet"]["data"][
+        "target_spacing"
+    ]
     image = tmp_path / "large.nii.gz"
     nib.save(nib.Nifti1Image(data, np.diag([*spacing, 8.0, 1.0])), image)
     env = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
@@ -245,7 +278,9 @@ def test_out_of_memory_gives_the_batch_size_hint_and_the_budget_avoids_it(traine
     _assert_one_line_error(result, str(image), "out of memory", "lower batch_size (now 8)")
     assert not (tmp_path / "oom").exists() or not list((tmp_path / "oom").rglob("*.nii.gz"))
     # the same cap, with a memory budget: fewer slices per pass, and the mask is written
-    result = run_cli([*args, f"output={tmp_path / 'budget'}", "batch_size=8", "memory_budget_mb=150"], env=env)
+    result = run_cli(
+        [*args, f"output={tmp_path / 'budget'}", "batch_size=8", "memory_budget_mb=150"], env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     mask = nib.load(tmp_path / "budget" / "large_pred.nii.gz")
     assert mask.shape == data.shape

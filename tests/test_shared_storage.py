@@ -48,7 +48,9 @@ def test_dense_block_matches_per_layer_concatenation(memory_efficient, keep_inpu
         out_r, gx_r, g_r = _step(reference, x)
     assert out_s.shape == (3, 6 * keep_input + 4 * 3, 12, 10)
     if keep_input:  # the whole buffer or concatenation (without the input: a view of its last channels)
-        assert out_s.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert out_s.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
     # NHWC really is NHWC: channels adjacent in memory (a channel slice of an NHWC buffer keeps stride 1)
     assert (out_s.stride(1) == 1) == channels_last and (gx_s.stride(1) == 1) == channels_last
     torch.testing.assert_close(out_s, out_r)

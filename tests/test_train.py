@@ -26,8 +26,19 @@ from seg_densenet.config import CONFIG_DIR, REPO_ROOT
 from seg_densenet.train import train
 from tests.conftest import quick_overrides, run_cli
 
-GROUPS = ("task", "model", "data", "optim", "scheduler", "trainer", "callbacks", "logger", "experiment",
-          "hparams_search", "debug")
+GROUPS = (
+    "task",
+    "model",
+    "data",
+    "optim",
+    "scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+    "hparams_search",
+    "debug",
+)
 
 
 def _options(group: str) -> list[str]:
@@ -56,7 +67,8 @@ def test_every_config_composes_and_instantiates(group, compose_cfg, tmp_path):
         if (group, option) == ("data", "nnunet"):  # its classes come from the dataset's dataset.json
             (tmp_path / "nnunet").mkdir()
             (tmp_path / "nnunet" / "dataset.json").write_text(
-                '{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "LV": 1}, "file_ending": ".nii.gz"}')
+                '{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "LV": 1}, "file_ending": ".nii.gz"}'
+            )
             extra = [f"data.root={tmp_path / 'nnunet'}"]
         cfg = compose_cfg([f"{group}={option}", *extra])
         resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -73,12 +85,20 @@ def test_every_config_composes_and_instantiates(group, compose_cfg, tmp_path):
         elif group == "scheduler" and cfg.scheduler.scheduler is not None:
             opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
             factory = instantiate(cfg.scheduler.scheduler)
-            kwargs = {"total_steps": 10} if "total_steps" in inspect.signature(factory.func).parameters else {}
+            kwargs = (
+                {"total_steps": 10} if "total_steps" in inspect.signature(factory.func).parameters else {}
+            )
             factory(opt, **kwargs).step()
         elif group == "trainer":
             # build it as a single CPU process (ddp's second process is tested end to end below)
-            trainer = instantiate(cfg.trainer, accelerator="cpu", devices=1, strategy="auto", logger=False,
-                                  enable_checkpointing=False)
+            trainer = instantiate(
+                cfg.trainer,
+                accelerator="cpu",
+                devices=1,
+                strategy="auto",
+                logger=False,
+                enable_checkpointing=False,
+            )
             assert trainer.max_epochs == cfg.trainer.max_epochs
         elif group in ("callbacks", "logger"):
             cfg.stage = {"dir": str(tmp_path), "monitor": "val/dice"}  # as train() fills it in for a stage
@@ -113,8 +133,14 @@ def test_fast_dev_run_of_each_task(task, compose_cfg, tmp_path, synthetic_root):
 def test_channels_last_training_runs_in_nhwc_and_matches_nchw(compose_cfg, tmp_path, synthetic_root):
     from seg_densenet.lit.segmentation import SegmentationModule
 
-    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "debug=fast_dev_run",
-                       "channels_last=true"])
+    cfg = compose_cfg(
+        [
+            *quick_overrides(tmp_path, synthetic_root),
+            "task=segment",
+            "debug=fast_dev_run",
+            "channels_last=true",
+        ]
+    )
     metrics = train(cfg)
     assert 0.0 <= metrics["val/dice"] <= 1.0
     net = instantiate(cfg.model)
@@ -128,8 +154,14 @@ def test_channels_last_training_runs_in_nhwc_and_matches_nchw(compose_cfg, tmp_p
 
 
 def test_deep_supervision_trains_through_the_config(compose_cfg, tmp_path, synthetic_root):
-    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "debug=fast_dev_run",
-                       "model.deep_supervision=2"])
+    cfg = compose_cfg(
+        [
+            *quick_overrides(tmp_path, synthetic_root),
+            "task=segment",
+            "debug=fast_dev_run",
+            "model.deep_supervision=2",
+        ]
+    )
     metrics = train(cfg)
     assert 0.0 <= metrics["val/dice"] <= 1.0 and math.isfinite(metrics["train/loss"])
 
@@ -169,8 +201,14 @@ def test_same_seed_gives_identical_metrics(compose_cfg, tmp_path, synthetic_root
 
 
 def test_bf16_mixed_precision_on_cpu(compose_cfg, tmp_path, synthetic_root):
-    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "debug=fast_dev_run",
-                       "trainer.precision=bf16-mixed"])
+    cfg = compose_cfg(
+        [
+            *quick_overrides(tmp_path, synthetic_root),
+            "task=segment",
+            "debug=fast_dev_run",
+            "trainer.precision=bf16-mixed",
+        ]
+    )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
@@ -178,8 +216,15 @@ def test_bf16_mixed_precision_on_cpu(compose_cfg, tmp_path, synthetic_root):
 @pytest.mark.slow
 def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
     run = tmp_path / "run"
-    result = run_cli(["-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), "task.segment.max_epochs=4",
-                      f"hydra.run.dir={run}"])
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.train",
+            *quick_overrides(tmp_path, synthetic_root),
+            "task.segment.max_epochs=4",
+            f"hydra.run.dir={run}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "pipeline" and summary["output_dir"] == str(run)
@@ -192,10 +237,17 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
     # stdout is a pipe here, not a terminal: one plain progress line per epoch, on stdout and in train.log
     log = (run / "train.log").read_text()
     for text in (result.stdout, log):
-        seg_lines = [line for line in text.splitlines() if "val dice" in line and line.split("epoch ")[-1][:1].isdigit()]
+        seg_lines = [
+            line
+            for line in text.splitlines()
+            if "val dice" in line and line.split("epoch ")[-1][:1].isdigit()
+        ]
         assert seg_lines, text[-3000:]
-        assert re.search(r"epoch 1/\d+ step \d+ loss \d\.\d{4} \| val dice 0\.\d{3} \(lv \d\.\d{3} myo \d\.\d{3} "
-                         r"rv \d\.\d{3}\) best \d\.\d{3} \| \d+\.\d min, ~\d+\.\d min left", seg_lines[0]), seg_lines[0]
+        assert re.search(
+            r"epoch 1/\d+ step \d+ loss \d\.\d{4} \| val dice 0\.\d{3} \(lv \d\.\d{3} myo \d\.\d{3} "
+            r"rv \d\.\d{3}\) best \d\.\d{3} \| \d+\.\d min, ~\d+\.\d min left",
+            seg_lines[0],
+        ), seg_lines[0]
         assert re.search(r"epoch 1/\d+ step \d+ loss .* \| val acc \d\.\d{3}", text), text[-3000:]
     # what the checkpoint says about itself, from the file alone
     result = run_cli(["-m", "seg_densenet.info", f"ckpt={summary['best_checkpoint']}"], cwd=tmp_path)
@@ -209,7 +261,9 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
     assert info["labels"] == "0 background, 1 RV, 2 MYO, 3 LV"
     assert "crop 64x64" in info["training grid"] and "[3.0, 3.0] mm" in info["training grid"]
     assert "Affine(" in info["augmentation"]
-    assert re.search(r"val/dice 0\.\d{4}", info["validation"]) and re.search(r"test/dice 0\.\d{4}", info["test"])
+    assert re.search(r"val/dice 0\.\d{4}", info["validation"]) and re.search(
+        r"test/dice 0\.\d{4}", info["test"]
+    )
     assert info["command"].startswith("python -m seg_densenet.train experiment=synthetic_quick ")
     assert info["saved"].startswith("20") and "not recorded" not in info["saved"]
     # validation Dice against wall-clock minutes, from the run's own metrics.csv
@@ -217,19 +271,35 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
     result = run_cli(["-m", "seg_densenet.training_curve", str(run / "stage2_segment"), "--out", str(curve)])
     assert result.returncode == 0, result.stderr[-3000:]
     table = curve.with_suffix(".md").read_text()
-    assert curve.stat().st_size > 1000 and "best val Dice by 10 min" in table and "| stage2_segment | 0." in table
+    assert (
+        curve.stat().st_size > 1000
+        and "best val Dice by 10 min" in table
+        and "| stage2_segment | 0." in table
+    )
     result = run_cli(["-m", "seg_densenet.training_curve", str(tmp_path), "--out", str(curve)])
     assert result.returncode == 2 and "no metrics file" in result.stderr
 
 
-def test_acdc_denseunet_trains_under_bf16_mixed_with_memory_efficient_layers(compose_cfg, tmp_path, synthetic_root):
+def test_acdc_denseunet_trains_under_bf16_mixed_with_memory_efficient_layers(
+    compose_cfg, tmp_path, synthetic_root
+):
     # trainer=gpu is bf16-mixed and dense_unet is memory-efficient: the recomputing backward broke under
     # autocast (oneDNN: no convolution primitive for bf16 activations and fp32 weights); the CPU's
     # autocast stands in for the GPU's here
-    cfg = compose_cfg(["experiment=acdc_denseunet", f"data.root={synthetic_root}", "data.synthetic=null",
-                       f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "data.crop_size=[64,64]",
-                       "data.augment_margin=0", "data.batch_size=2", "debug=fast_dev_run",
-                       "trainer.precision=bf16-mixed"])
+    cfg = compose_cfg(
+        [
+            "experiment=acdc_denseunet",
+            f"data.root={synthetic_root}",
+            "data.synthetic=null",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.num_workers=0",
+            "data.crop_size=[64,64]",
+            "data.augment_margin=0",
+            "data.batch_size=2",
+            "debug=fast_dev_run",
+            "trainer.precision=bf16-mixed",
+        ]
+    )
     assert cfg.model.memory_efficient and cfg.model.encoder == "densenet121"
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -237,13 +307,26 @@ def test_acdc_denseunet_trains_under_bf16_mixed_with_memory_efficient_layers(com
 
 def test_acdc_recipe_trains_on_tiny_data(compose_cfg, tmp_path, synthetic_root):
     # the recipe's own settings (patches anywhere, augmentation margin, strong augmentation), shrunk
-    cfg = compose_cfg(["experiment=acdc_recipe_cpu", f"data.root={synthetic_root}", "data.synthetic=null",
-                       f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "data.crop_size=[48,48]",
-                       "data.augment_margin=8", "debug=fast_dev_run"])
+    cfg = compose_cfg(
+        [
+            "experiment=acdc_recipe_cpu",
+            f"data.root={synthetic_root}",
+            "data.synthetic=null",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.num_workers=0",
+            "data.crop_size=[48,48]",
+            "data.augment_margin=8",
+            "debug=fast_dev_run",
+        ]
+    )
     assert cfg.data.foreground_fraction and cfg.data.target_spacing is None
     assert any("VerticalFlip" in t["_target_"] for t in cfg.data.augmentation.transforms)
     # every non-test patient trains; the model is the last epoch's weight average
-    assert cfg.data.val_fraction == 0 and cfg.task.segment.monitor is None and "weight_averaging" in cfg.callbacks
+    assert (
+        cfg.data.val_fraction == 0
+        and cfg.task.segment.monitor is None
+        and "weight_averaging" in cfg.callbacks
+    )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
@@ -252,8 +335,18 @@ def test_acdc_recipe_trains_on_tiny_data(compose_cfg, tmp_path, synthetic_root):
 def test_four_job_multirun_over_growth_rate_and_lr(tmp_path, synthetic_root):
     """The issue's sweep, ``-m model.growth_rate=12,16 optim.lr=1e-3,3e-4``: four jobs, four directories."""
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", "seg_densenet.train", "-m", *quick_overrides(tmp_path, synthetic_root), "task=segment",
-                      "model.growth_rate=12,16", "optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep}"])
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.train",
+            "-m",
+            *quick_overrides(tmp_path, synthetic_root),
+            "task=segment",
+            "model.growth_rate=12,16",
+            "optim.lr=1e-3,3e-4",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
@@ -285,8 +378,12 @@ def test_the_private_lightning_hook_that_the_ddp_patch_replaces_is_still_there()
     from seg_densenet.utils import ddp
 
     original = subprocess_script._hydra_subprocess_cmd
-    assert list(inspect.signature(original).parameters) == list(inspect.signature(ddp._job_subprocess_cmd).parameters)
-    assert "_hydra_subprocess_cmd(local_rank=local_rank)" in inspect.getsource(subprocess_script._SubprocessScriptLauncher)
+    assert list(inspect.signature(original).parameters) == list(
+        inspect.signature(ddp._job_subprocess_cmd).parameters
+    )
+    assert "_hydra_subprocess_cmd(local_rank=local_rank)" in inspect.getsource(
+        subprocess_script._SubprocessScriptLauncher
+    )
     try:
         ddp.patch_lightning_hydra_launcher()
         assert subprocess_script._hydra_subprocess_cmd is ddp._job_subprocess_cmd
@@ -296,10 +393,23 @@ def test_the_private_lightning_hook_that_the_ddp_patch_replaces_is_still_there()
 
 def test_ddp_on_cpu_with_two_processes(tmp_path, synthetic_root):
     run = tmp_path / "run"
-    result = run_cli(["-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), "task=segment",
-                      "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run}"])
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.train",
+            *quick_overrides(tmp_path, synthetic_root),
+            "task=segment",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            f"hydra.run.dir={run}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "distributed_backend=gloo" in result.stdout + result.stderr or "GLOBAL_RANK: 1" in result.stdout + result.stderr
+    assert (
+        "distributed_backend=gloo" in result.stdout + result.stderr
+        or "GLOBAL_RANK: 1" in result.stdout + result.stderr
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert "val/dice" in summary["metrics"]
     # the child process wrote into the same run directory, not a new one
@@ -309,8 +419,16 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, synthetic_root):
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_to_the_same_final_epoch(tmp_path, synthetic_root):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "seg_densenet.train", *quick_overrides(tmp_path, synthetic_root), "task=segment",
-            "trainer.max_epochs=4", "test=false", f"hydra.run.dir={run}"]
+    args = [
+        sys.executable,
+        "-m",
+        "seg_densenet.train",
+        *quick_overrides(tmp_path, synthetic_root),
+        "task=segment",
+        "trainer.max_epochs=4",
+        "test=false",
+        f"hydra.run.dir={run}",
+    ]
     last = run / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -334,7 +452,9 @@ def test_resume_after_sigkill_continues_to_the_same_final_epoch(tmp_path, synthe
     # the best validation Dice so far carries over the resume (kept in the checkpoint)
     rows = sorted(_validation_rows(run), key=lambda row: int(float(row["epoch"])))
     dice = [float(row["val/dice"]) for row in rows]
-    assert [float(row["val/dice_best"]) for row in rows] == pytest.approx(list(itertools.accumulate(dice, max)))
+    assert [float(row["val/dice_best"]) for row in rows] == pytest.approx(
+        list(itertools.accumulate(dice, max))
+    )
 
 
 def _validation_rows(run: Path) -> list[dict]:
@@ -366,8 +486,15 @@ def test_repo_root_is_the_checkout():
 def test_tensorboard_gets_a_coloured_validation_overlay_per_epoch(compose_cfg, tmp_path, synthetic_root):
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-    cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "test=false", "logger=tensorboard",
-                       "trainer.max_epochs=2"])
+    cfg = compose_cfg(
+        [
+            *quick_overrides(tmp_path, synthetic_root),
+            "task=segment",
+            "test=false",
+            "logger=tensorboard",
+            "trainer.max_epochs=2",
+        ]
+    )
     train(cfg)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={IMAGES: 0})
     events.Reload()
@@ -376,7 +503,9 @@ def test_tensorboard_gets_a_coloured_validation_overlay_per_epoch(compose_cfg, t
     assert len(images) == 2 and images[0].width > 300 and images[0].height > 150
 
 
-def test_classify_stage_pretrains_the_encoder_or_refuses_a_model_without_one(compose_cfg, tmp_path, synthetic_root):
+def test_classify_stage_pretrains_the_encoder_or_refuses_a_model_without_one(
+    compose_cfg, tmp_path, synthetic_root
+):
     from seg_densenet.errors import ConfigError
     from seg_densenet.train import classifier_config
 
@@ -384,11 +513,15 @@ def test_classify_stage_pretrains_the_encoder_or_refuses_a_model_without_one(com
     classifier = instantiate(classifier_config(unet), num_classes=5)
     assert classifier.features.denseblock1.denselayer1.conv2.out_channels == 8  # the encoder's architecture
     cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=classify", "model=fc_densenet56"])
-    with pytest.raises(ConfigError, match="model fc_densenet56: the classify stage needs a DenseNet classifier"):
+    with pytest.raises(
+        ConfigError, match="model fc_densenet56: the classify stage needs a DenseNet classifier"
+    ):
         train(cfg)
 
 
-def test_ema_weights_are_what_the_checkpoint_the_test_pass_and_prediction_use(compose_cfg, tmp_path, synthetic_root):
+def test_ema_weights_are_what_the_checkpoint_the_test_pass_and_prediction_use(
+    compose_cfg, tmp_path, synthetic_root
+):
     from seg_densenet.checkpoint import load_model
 
     cfg = compose_cfg([*quick_overrides(tmp_path, synthetic_root), "task=segment", "callbacks=ema",
@@ -406,9 +539,12 @@ def test_ema_weights_are_what_the_checkpoint_the_test_pass_and_prediction_use(co
     def test_dice(weights: str) -> float:
         datamodule = instantiate(cfg.data)
         module = instantiate(cfg.task.segment.module)(
-            instantiate(cfg.model), instantiate(cfg.optim), labels=datamodule.label_set.structures)
+            instantiate(cfg.model), instantiate(cfg.optim), labels=datamodule.label_set.structures
+        )
         module.load_state_dict(saved[weights])
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
         return trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/dice"]
 
     averaged, raw = test_dice("state_dict"), test_dice("current_model_state")

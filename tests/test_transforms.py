@@ -98,7 +98,10 @@ def _flip_draws(augment: WorkerSeededAugment, n: int) -> list[tuple[bool, bool]]
     image = np.arange(12, dtype=np.float32).reshape(3, 4)  # no symmetry: each flip is recognisable
     mask = np.zeros((3, 4), dtype=np.uint8)
     variants = {
-        (False, False): image, (True, False): image[:, ::-1], (False, True): image[::-1], (True, True): image[::-1, ::-1],
+        (False, False): image,
+        (True, False): image[:, ::-1],
+        (False, True): image[::-1],
+        (True, True): image[::-1, ::-1],
     }
     draws = []
     for _ in range(n):
@@ -127,7 +130,10 @@ def test_every_pair_of_the_recipe_augmentation_draws_independently():
     fired = np.array([[t.py_random.random() < 0.5 for t in augment.transforms] for _ in range(n)])
     for a in range(fired.shape[1]):
         for b in range(a + 1, fired.shape[1]):
-            assert 0.20 < np.mean(fired[:, a] & fired[:, b]) < 0.30, (augment.transforms[a], augment.transforms[b])
+            assert 0.20 < np.mean(fired[:, a] & fired[:, b]) < 0.30, (
+                augment.transforms[a],
+                augment.transforms[b],
+            )
 
 
 def test_same_seed_gives_the_same_batches():

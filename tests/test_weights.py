@@ -189,17 +189,30 @@ def test_imagenet_by_name_reads_torchvisions_file_from_torch_home(tmp_path, monk
     for conv0 in (classifier.features.conv0, unet.encoder.features.conv0, smp.encoder.features.conv0):
         assert torch.equal(conv0.weight, stem)
     key = "features.denseblock3.denselayer7.conv2.weight"
-    assert torch.equal(classifier.state_dict()[key], state[key]) and torch.equal(unet.encoder.state_dict()[key], state[key])
+    assert torch.equal(classifier.state_dict()[key], state[key]) and torch.equal(
+        unet.encoder.state_dict()[key], state[key]
+    )
 
 
 def test_imagenet_by_name_without_the_file_says_where_and_how(tmp_path):
     from tests.conftest import run_cli
 
-    result = run_cli(["-m", "seg_densenet.train", "experiment=synthetic_quick", "task=segment", "model=dense_unet",
-                      "model.encoder_weights=imagenet", f"hydra.run.dir={tmp_path / 'run'}"],
-                     env={"TORCH_HOME": str(tmp_path / "empty")})
+    result = run_cli(
+        [
+            "-m",
+            "seg_densenet.train",
+            "experiment=synthetic_quick",
+            "task=segment",
+            "model=dense_unet",
+            "model.encoder_weights=imagenet",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        env={"TORCH_HOME": str(tmp_path / "empty")},
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     expected = f"{tmp_path / 'empty' / 'hub' / 'checkpoints' / 'densenet121-a639ec97.pth'} not found"
-    assert expected in lines[0] and "torchvision.models.densenet121(weights='IMAGENET1K_V1')" in lines[0], lines[0]
+    assert expected in lines[0] and "torchvision.models.densenet121(weights='IMAGENET1K_V1')" in lines[0], (
+        lines[0]
+    )

@@ -35,18 +35,22 @@ from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
 SPLITS = ("train", "val", "test")
 
 
-def _check_arguments(label_set: LabelSet, in_channels: int, num_classes: int, label_mapping: Mapping | None,
-                     crop_jitter: int, foreground_fraction: float | None, augment_margin: int) -> None:
-    """The data options :class:`SegmentationDataModule` checks itself (for callers that bypass the CLI)."""
+def _check_classes(
+    label_set: LabelSet, in_channels: int, num_classes: int, label_mapping: Mapping | None
+) -> None:
+    """The class options :class:`SegmentationDataModule` checks itself (for callers that bypass the CLI)."""
     if in_channels != 1:
         raise ConfigError(f"data.in_channels: short-axis MRI has 1 channel, got {in_channels}")
     if num_classes != label_set.num_classes:
-        raise ConfigError(f"data.num_classes: data.structures {label_set.class_names[1:]} and background are "
-                          f"{label_set.num_classes} classes, got {num_classes}")
+        raise ConfigError(
+            f"data.num_classes: data.structures {label_set.class_names[1:]} and background are "
+            f"{label_set.num_classes} classes, got {num_classes}"
+        )
     if label_mapping and not {int(v) for v in label_mapping.values()} <= set(range(num_classes)):
-        raise ConfigError(f"data.label_mapping: targets must be class values 0..{num_classes - 1} of "
-                          f"data.structures, got {dict(label_mapping)}")
-    check_crop_options(crop_jitter, foreground_fraction, augment_margin)
+        raise ConfigError(
+            f"data.label_mapping: targets must be class values 0..{num_classes - 1} of "
+            f"data.structures, got {dict(label_mapping)}"
+        )
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -109,8 +113,8 @@ class SegmentationDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.label_set = LabelSet.from_config(structures)
-        _check_arguments(self.label_set, in_channels, num_classes, label_mapping, crop_jitter,
-                         foreground_fraction, augment_margin)
+        _check_classes(self.label_set, in_channels, num_classes, label_mapping)
+        check_crop_options(crop_jitter, foreground_fraction, augment_margin)
         self.save_hyperparameters(ignore=["augmentation"])
         self.root = Path(root)
         self.layout = Layout.from_config(layout)
@@ -174,7 +178,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             val_fraction=self.val_fraction,
             seed=self.seed,
         )
-        self.cache = VolumeCache(self.cache_dir, self.preprocessor, self.label_mapping or self.label_set.identity_mapping)
+        self.cache = VolumeCache(
+            self.cache_dir, self.preprocessor, self.label_mapping or self.label_set.identity_mapping
+        )
         by_name = {c.name: c for c in self.cases}
         entries: dict[str, list[CachedVolume]] = {name: [] for name in SPLITS}
         for split_name in SPLITS:
@@ -193,8 +199,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.labelled_patients is not None:
             # label-scarce training: segmentations of only these patients; classification (diagnosis)
             # still sees every training patient
-            labelled = labelled_subset(self.split["train"], {c.name: c.group for c in self.cases},
-                                       self.labelled_patients, self.seed)
+            labelled = labelled_subset(
+                self.split["train"], {c.name: c.group for c in self.cases}, self.labelled_patients, self.seed
+            )
             self.split["labelled"] = labelled
             entries["labelled"] = [e for e in entries["train"] if e.name.rpartition("_")[0] in set(labelled)]
         self.bad_cases = dict(errors)
@@ -209,8 +216,12 @@ class SegmentationDataModule(pl.LightningDataModule):
     def train_dataset(self) -> SliceDataset:
         augment = WorkerSeededAugment(self.augmentation) if self.augmentation is not None else None
         return SliceDataset(
-            self.entries.get("labelled", self.entries["train"]), self.crop_size, augment, self.crop_jitter,
-            foreground_fraction=self.foreground_fraction, augment_margin=self.augment_margin,
+            self.entries.get("labelled", self.entries["train"]),
+            self.crop_size,
+            augment,
+            self.crop_jitter,
+            foreground_fraction=self.foreground_fraction,
+            augment_margin=self.augment_margin,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -352,8 +363,9 @@ class ClassificationDataModule(pl.LightningDataModule):
             augment = WorkerSeededAugment(seg.augmentation) if split == "train" and seg.augmentation else None
             # label-scarce (data.labelled_patients): every patient has a diagnosis, few have contours, so
             # the pretraining slices and crops are chosen without any
-            self.datasets[split] = DiagnosisSliceDataset(entries, labels, seg.crop_size, augment, lv_label,
-                                                         mask_free=seg.labelled_patients is not None)
+            self.datasets[split] = DiagnosisSliceDataset(
+                entries, labels, seg.crop_size, augment, lv_label, mask_free=seg.labelled_patients is not None
+            )
         if len(self.datasets["train"]) == 0:
             raise DataError(
                 f"{seg.root}: no training case has a diagnosis group in {GROUPS} (Group in the info file)"

@@ -36,12 +36,15 @@ class _CachedArrays:
             try:
                 self._open[i] = self.entries[i].load(mmap=True)
             except OSError as exc:  # the cache folder was removed or emptied while the run went on
-                raise DataError(f"{exc.filename or self.entries[i].image_path}: cached array vanished during "
-                                "the run (was data.cache_dir removed?); run again to rebuild it") from exc
+                raise DataError(
+                    f"{exc.filename or self.entries[i].image_path}: cached array vanished during "
+                    "the run (was data.cache_dir removed?); run again to rebuild it"
+                ) from exc
         return self._open[i]
 
-    def crop(self, i: int, z: int, size: Sequence[int] | None,
-             offset: Sequence[int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    def crop(
+        self, i: int, z: int, size: Sequence[int] | None, offset: Sequence[int] = (0, 0)
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Slice ``z`` of entry ``i``, cropped/padded to ``size`` around the entry's label centre moved
         by ``offset`` pixels (the crop stays inside the array)."""
         image, mask = self.arrays(i)
@@ -55,13 +58,17 @@ class _CachedArrays:
             center = [c + o for c, o in zip(center, offset)]
         return self._place(img, msk, size, center)
 
-    def crop_at(self, i: int, z: int, size: Sequence[int], center: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    def crop_at(
+        self, i: int, z: int, size: Sequence[int], center: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Slice ``z`` of entry ``i``, cropped/padded to ``size`` around ``center`` (``(row, col)`` pixels)."""
         image, mask = self.arrays(i)
         return self._place(np.asarray(image[z], dtype=np.float32), np.asarray(mask[z]), size, center)
 
     @staticmethod
-    def _place(img: np.ndarray, msk: np.ndarray, size: Sequence[int], center) -> tuple[np.ndarray, np.ndarray]:
+    def _place(
+        img: np.ndarray, msk: np.ndarray, size: Sequence[int], center
+    ) -> tuple[np.ndarray, np.ndarray]:
         shift = center_shift(img.shape, size, center)
         return place(img, size, shift, fill=float(img.min())), place(msk, size, shift, fill=0)
 

@@ -61,8 +61,9 @@ class LabelSet:
     structures: dict[str, int]
 
     @classmethod
-    def from_config(cls, structures: Sequence[str] | Mapping[str, int] | None, option: str = "data.structures"
-                    ) -> LabelSet:
+    def from_config(
+        cls, structures: Sequence[str] | Mapping[str, int] | None, option: str = "data.structures"
+    ) -> LabelSet:
         """A label set from a config list of names in class-value order (or a name -> value mapping;
         ``None``: ACDC's), checked: non-empty, names distinct and not ``background``, values exactly 1..n.
         Raises :class:`ConfigError` naming ``option``."""
@@ -71,10 +72,16 @@ class LabelSet:
         if isinstance(structures, Sequence) and not isinstance(structures, str):
             structures = {name: value for value, name in enumerate(structures, start=1)}
         if not isinstance(structures, Mapping) or not structures:
-            raise ConfigError(f"{option}: expected structure names mapped to class values 1..n, got {structures!r}")
+            raise ConfigError(
+                f"{option}: expected structure names mapped to class values 1..n, got {structures!r}"
+            )
         names = [str(n) for n in structures]
-        if any(not n or n.lower() == BACKGROUND for n in names) or len({n.lower() for n in names}) != len(names):
-            raise ConfigError(f"{option}: names must be distinct, non-empty and not '{BACKGROUND}', got {names}")
+        if any(not n or n.lower() == BACKGROUND for n in names) or len({n.lower() for n in names}) != len(
+            names
+        ):
+            raise ConfigError(
+                f"{option}: names must be distinct, non-empty and not '{BACKGROUND}', got {names}"
+            )
         values = structures.values()
         if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
             raise ConfigError(f"{option}: class values must be integers, got {dict(structures)}")

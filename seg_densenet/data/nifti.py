@@ -66,7 +66,9 @@ def load_volume(path: str | Path, *, label: bool = False, allow_4d: bool = False
     if raw.ndim == 4 and raw.shape[3] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3 and not (allow_4d and raw.ndim == 4):
-        raise DataError(f"{path}: expected a 3D volume (X, Y, Z), got a {raw.ndim}D array of shape {raw.shape}")
+        raise DataError(
+            f"{path}: expected a 3D volume (X, Y, Z), got a {raw.ndim}D array of shape {raw.shape}"
+        )
     if label:
         if not np.issubdtype(raw.dtype, np.integer):
             if not np.all(np.isfinite(raw)) or not np.array_equal(raw, np.round(raw)):

@@ -36,7 +36,9 @@ def read_dataset_json(root: str | Path) -> dict:
     try:
         spec = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise DataError(f"{path}: not found (an nnU-Net raw dataset folder has dataset.json, imagesTr/, labelsTr/)") from exc
+        raise DataError(
+            f"{path}: not found (an nnU-Net raw dataset folder has dataset.json, imagesTr/, labelsTr/)"
+        ) from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON file ({exc})") from exc
     if not isinstance(spec, Mapping):
@@ -61,7 +63,9 @@ def _structures(path: Path, labels) -> list[str]:
         raise DataError(f"{path}: label values must be integers, got {dict(labels)}")
     by_value = {int(v): str(k) for k, v in labels.items()}
     if len(by_value) != len(labels) or sorted(by_value) != list(range(len(labels))) or 0 not in by_value:
-        raise DataError(f"{path}: labels must have the values 0..{len(labels) - 1} (0 background), got {dict(labels)}")
+        raise DataError(
+            f"{path}: labels must have the values 0..{len(labels) - 1} (0 background), got {dict(labels)}"
+        )
     return [by_value[v] for v in range(1, len(by_value))]
 
 
@@ -82,8 +86,10 @@ class NnUNetLayout:
     def from_config(cls, cfg: Mapping) -> NnUNetLayout:
         unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
         if unknown:
-            raise DataError(f"data.layout: unknown key(s) {unknown} for format nnunet; known: "
-                            f"{sorted(cls.__dataclass_fields__)}")
+            raise DataError(
+                f"data.layout: unknown key(s) {unknown} for format nnunet; known: "
+                f"{sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**dict(cfg))
 
     def pairs(self, root: str | Path) -> list[tuple[str, Path, Path]]:
@@ -96,11 +102,15 @@ class NnUNetLayout:
         label_dir = root / self.labels
         if not label_dir.is_dir():
             raise DataError(f"{label_dir}: folder not found (nnU-Net's label maps, <case>{ending})")
-        labels = sorted(p for p in label_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
+        labels = sorted(
+            p for p in label_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
+        )
         if not labels:
             raise DataError(f"{label_dir}: no label maps <case>{ending} found")
         names = [label.name[: -len(ending)] for label in labels]
-        return [(name, root / self.images / f"{name}_0000{ending}", label) for name, label in zip(names, labels)]
+        return [
+            (name, root / self.images / f"{name}_0000{ending}", label) for name, label in zip(names, labels)
+        ]
 
     def discover(self, root: str | Path, errors: list[tuple[str, str]] | None = None) -> list[Case]:
         """One case per label map under ``labelsTr``, sorted by name, with its ``_0000`` image; a case

@@ -44,7 +44,9 @@ def make_split(
     rest = _stratified_order({n: g for n, g in groups.items() if n not in test_set}, rng)
     # systematic sampling over the stratum-ordered list: round(N * f) patients, proportional per group
     # (rounded, not floored, so that a small dataset still gets a validation patient)
-    val = [name for i, name in enumerate(rest) if int((i + 1) * val_fraction + 0.5) > int(i * val_fraction + 0.5)]
+    val = [
+        name for i, name in enumerate(rest) if int((i + 1) * val_fraction + 0.5) > int(i * val_fraction + 0.5)
+    ]
     val_set = set(val)
     train = [name for name in rest if name not in val_set]
     return {
@@ -66,7 +68,9 @@ def labelled_subset(train: list[str], groups: dict[str, str | None], n: int, see
     smaller one only by chance: each ``n`` is its own draw, as in a label-scarce study.
     """
     if not 1 <= n <= len(train):
-        raise ConfigError(f"data.labelled_patients={n}: must be between 1 and the {len(train)} training patients")
+        raise ConfigError(
+            f"data.labelled_patients={n}: must be between 1 and the {len(train)} training patients"
+        )
     ordered = _stratified_order({name: groups.get(name) for name in train}, np.random.default_rng(seed + 1))
     step = len(ordered) / n
     return sorted(ordered[int(i * step)] for i in range(n))

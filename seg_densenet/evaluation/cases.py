@@ -122,7 +122,9 @@ def find_frames(
     return frames
 
 
-def _nnunet_frames(gt_root: Path, pred_root: Path, allow_missing: bool, warn: Callable[[str], None]) -> list[FramePair]:
+def _nnunet_frames(
+    gt_root: Path, pred_root: Path, allow_missing: bool, warn: Callable[[str], None]
+) -> list[FramePair]:
     """Frames of an nnU-Net raw dataset (``labelsTr/<case>``), each paired with ``<case>_0000_pred`` or
     ``<case>_pred`` under ``pred_root``; one frame per case, phase ``all``."""
     from seg_densenet.data.nnunet import NnUNetLayout

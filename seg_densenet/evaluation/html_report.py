@@ -73,9 +73,13 @@ def markdown_to_html(text: str) -> str:
     def flush() -> None:
         if table:
             head, rows = table[0], [r for r in table[1:] if not all(set(c) <= set("-: ") for c in r)]
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                       + "</tbody></table>")
+            out.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</tbody></table>"
+            )
             table.clear()
         if bullets:
             out.append("<ul>" + "".join(f"<li>{_inline(b)}</li>" for b in bullets) + "</ul>")
@@ -104,16 +108,18 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def patient_rows(metric_rows: Sequence[dict], clinical_rows: Sequence[dict],
-                 structures: Sequence[str]) -> tuple[list[str], list[list]]:
+def patient_rows(
+    metric_rows: Sequence[dict], clinical_rows: Sequence[dict], structures: Sequence[str]
+) -> tuple[list[str], list[list]]:
     """Columns and one row per patient: Dice and HD95 per structure and phase, and the clinical indices
     (prediction, ground truth)."""
     phases = report_phases(r["phase"] for r in metric_rows)
     columns = ["patient"]
     columns += [f"Dice {s} {p}" for s in structures for p in phases]
     columns += [f"HD95 {s} {p}" for s in structures for p in phases]
-    clinical_keys = [k for k in ("LV_EF_pct", "RV_EF_pct", "LV_EDV_ml", "MYO_mass_g")
-                     if any(k in r for r in clinical_rows)]
+    clinical_keys = [
+        k for k in ("LV_EF_pct", "RV_EF_pct", "LV_EDV_ml", "MYO_mass_g") if any(k in r for r in clinical_rows)
+    ]
     columns += [f"{k} {src}" for k in clinical_keys for src in ("pred", "gt")]
     rows = []
     for case in sorted({r["case"] for r in metric_rows}):
@@ -135,15 +141,22 @@ def _cell(value) -> str:
     return f'<td data-value="{html.escape(str(value))}">{html.escape(str(value))}</td>'
 
 
-def write_html_report(path: Path, summary_markdown: str, metric_rows: Sequence[dict],
-                      clinical_rows: Sequence[dict], structures: Sequence[str],
-                      case_strips: Mapping[str, bytes], figures: Mapping[str, bytes]) -> Path:
+def write_html_report(
+    path: Path,
+    summary_markdown: str,
+    metric_rows: Sequence[dict],
+    clinical_rows: Sequence[dict],
+    structures: Sequence[str],
+    case_strips: Mapping[str, bytes],
+    figures: Mapping[str, bytes],
+) -> Path:
     """Write ``report.html``; ``case_strips`` maps a case to its overlay-strip PNG, ``figures`` a caption
     to a plot PNG."""
     columns, rows = patient_rows(metric_rows, clinical_rows, structures)
     table = (
         '<table class="sortable" id="patients"><thead><tr>'
-        + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr></thead><tbody>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        + "</tr></thead><tbody>"
         + "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
         + "</tbody></table>"
     )

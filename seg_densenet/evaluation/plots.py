@@ -89,8 +89,14 @@ def overlay_montage(
     save_png(_overlay_figure(panels, labels, title), path)
 
 
-def overlay_image(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, labels: Mapping[str, int], title: str,
-                  n_slices: int = 3) -> np.ndarray:
+def overlay_image(
+    image: np.ndarray,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    labels: Mapping[str, int],
+    title: str,
+    n_slices: int = 3,
+) -> np.ndarray:
     """:func:`overlay_montage` as an ``(H, W, 3)`` uint8 RGB array (for TensorBoard)."""
     panels = [(image, gt, pred, f"slice {z}", z) for z in _mid_slices(gt, n_slices)]
     fig = _overlay_figure(panels, labels, title, panel_size=2.4)
@@ -98,12 +104,19 @@ def overlay_image(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, labels: M
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def overlay_strip(phases: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], labels: Mapping[str, int],
-                  title: str, n_slices: int = 2) -> bytes:
+def overlay_strip(
+    phases: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    labels: Mapping[str, int],
+    title: str,
+    n_slices: int = 2,
+) -> bytes:
     """PNG bytes of one case's strip: ``n_slices`` mid slices of each phase (``{"ED": (image, gt, pred)}``),
     coloured as :func:`overlay_montage`."""
-    panels = [(image, gt, pred, f"{phase} slice {z}", z)
-              for phase, (image, gt, pred) in phases.items() for z in _mid_slices(gt, n_slices)]
+    panels = [
+        (image, gt, pred, f"{phase} slice {z}", z)
+        for phase, (image, gt, pred) in phases.items()
+        for z in _mid_slices(gt, n_slices)
+    ]
     fig = _overlay_figure(panels, labels, title, panel_size=2.4)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
@@ -130,7 +143,9 @@ def _overlay_figure(panels, labels: Mapping[str, int], title: str, panel_size: f
                 ax.contour(plane, levels=[0.5], colors=colours[name], linewidths=1.2)
         ax.set_title(caption, fontsize=9)
         ax.set_axis_off()
-    handles = [Patch(facecolor=to_rgba(colours[name], 0.4), edgecolor=colours[name], label=name) for name in labels]
+    handles = [
+        Patch(facecolor=to_rgba(colours[name], 0.4), edgecolor=colours[name], label=name) for name in labels
+    ]
     handles += [Line2D([], [], color="white", lw=0, label="fill: prediction, line: ground truth")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle(title, fontsize=10)

@@ -21,9 +21,12 @@ from seg_densenet.evaluation.metrics import METRIC_NAMES, aggregate
 from seg_densenet.utils.atomic import atomic_write_text
 
 METRIC_COLUMNS: tuple[str, ...] = ("case", "phase", "structure", *METRIC_NAMES, "stem")
+
+
 def clinical_columns(structures: Sequence[str]) -> tuple[str, ...]:
     """The columns of ``clinical.csv``: patient, source and the indices that ``structures`` allow."""
     return ("patient", "source", *indices_for(structures))
+
 
 _METRIC_TITLES = {
     "dice": "Dice",

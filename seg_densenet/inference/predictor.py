@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from seg_densenet.checkpoint import load_model
+from seg_densenet.config_checks import SCALE_LIMITS
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import GridMeta, Preprocessor, preprocessor_from_record
@@ -44,11 +45,23 @@ class Predictor:
     slice is resized by each (bilinear), predicted, and its probabilities resized back.
     """
 
-    def __init__(self, model: torch.nn.Module, preprocessor: Preprocessor, *, device: str = "cpu",
-                 precision: str = "32", batch_size: int = 16, tta_transforms: Sequence[Dihedral] = (IDENTITY,),
-                 mc_samples: int = 0, postprocess: str | None = None, num_classes: int = 4, keep_probs: bool = False,
-                 memory_budget_mb: float | None = None, channels_last: bool = True,
-                 scales: Sequence[float] = (1.0,)):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocessor: Preprocessor,
+        *,
+        device: str = "cpu",
+        precision: str = "32",
+        batch_size: int = 16,
+        tta_transforms: Sequence[Dihedral] = (IDENTITY,),
+        mc_samples: int = 0,
+        postprocess: str | None = None,
+        num_classes: int = 4,
+        keep_probs: bool = False,
+        memory_budget_mb: float | None = None,
+        channels_last: bool = True,
+        scales: Sequence[float] = (1.0,),
+    ):
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"precision={precision}: valid values are {', '.join(PRECISIONS)}")
         if postprocess not in (None, "none", "lcc"):
@@ -63,8 +76,9 @@ class Predictor:
         self.batch_size = batch_size
         self.tta_transforms = tuple(tta_transforms) or (IDENTITY,)
         self.scales = tuple(float(scale) for scale in scales) or (1.0,)
-        if not all(0.25 <= scale <= 4 for scale in self.scales):
-            raise ConfigError(f"scales={list(scales)}: zoom factors must lie between 0.25 and 4")
+        low, high = SCALE_LIMITS
+        if not all(low <= scale <= high for scale in self.scales):
+            raise ConfigError(f"scales={list(scales)}: zoom factors must lie between {low:g} and {high:g}")
         self.mc_samples = int(mc_samples)
         self.postprocess = postprocess if postprocess != "none" else None
         self.num_classes = num_classes
@@ -85,12 +99,21 @@ class Predictor:
         total = None
         for _ in range(passes):
             for scale in self.scales:
-                zoomed = slices if scale == 1 else F.interpolate(
-                    slices, size=[max(min_size, round(n * scale)) for n in size], mode="bilinear", align_corners=False)
+                zoomed = (
+                    slices
+                    if scale == 1
+                    else F.interpolate(
+                        slices,
+                        size=[max(min_size, round(n * scale)) for n in size],
+                        mode="bilinear",
+                        align_corners=False,
+                    )
+                )
                 for transform in self.tta_transforms:
                     x = transform.apply(zoomed).contiguous(memory_format=self.memory_format)
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                        enabled=self.autocast_dtype is not None):
+                    with torch.autocast(
+                        self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+                    ):
                         logits = self.model(x)
                     probs = transform.invert(logits.float().softmax(1))
                     if scale != 1:
@@ -108,12 +131,19 @@ class Predictor:
         if axis == 2:
             return self._predict_slices_last(volume, progress, task)
         order = (*(a for a in range(3) if a != axis), axis)
-        log.info("%s: slices along voxel axis %d (shape %s, spacing %s mm); predicted with that axis last",
-                 volume.path or "volume", axis, volume.shape, tuple(round(s, 3) for s in volume.spacing))
+        log.info(
+            "%s: slices along voxel axis %d (shape %s, spacing %s mm); predicted with that axis last",
+            volume.path or "volume",
+            axis,
+            volume.shape,
+            tuple(round(s, 3) for s in volume.spacing),
+        )
         result = self._predict_slices_last(permute_axes(volume, order), progress, task)
         back = tuple(int(a) for a in np.argsort(order))
         return {
-            key: np.ascontiguousarray(value.transpose(back if value.ndim == 3 else (0, *(a + 1 for a in back))))
+            key: np.ascontiguousarray(
+                value.transpose(back if value.ndim == 3 else (0, *(a + 1 for a in back)))
+            )
             for key, value in result.items()
         }
 
@@ -126,7 +156,9 @@ class Predictor:
         X, Y, _ = meta.original_shape
         labels = np.zeros((X, Y, n_slices), dtype=np.uint8)
         batch_size = self.slices_within_budget(*image.shape[1:])
-        probs_out = np.zeros((self.num_classes, X, Y, n_slices), dtype=np.float32) if self.keep_probs else None
+        probs_out = (
+            np.zeros((self.num_classes, X, Y, n_slices), dtype=np.float32) if self.keep_probs else None
+        )
         entropy = np.zeros((X, Y, n_slices), dtype=np.float32) if self.mc_samples else None
         for start in range(0, n_slices, batch_size):
             stop = min(start + batch_size, n_slices)
@@ -159,7 +191,6 @@ class Predictor:
             out["entropy"] = entropy
         return out
 
-
     def slices_within_budget(self, height: int, width: int) -> int:
         """Slices per forward pass: ``batch_size``, lowered so that the measured memory of one slice's
         pass (network, softmax, inverse mapping) times the batch stays within ``memory_budget_mb``."""
@@ -171,7 +202,13 @@ class Predictor:
         fits = int(self.memory_budget_mb * 2**20 // self._slice_bytes[key])
         batch = max(1, min(self.batch_size, fits))
         if batch < self.batch_size:
-            log.info("memory budget %.0f MB: %d slice(s) of %dx%d per pass", self.memory_budget_mb, batch, height, width)
+            log.info(
+                "memory budget %.0f MB: %d slice(s) of %dx%d per pass",
+                self.memory_budget_mb,
+                batch,
+                height,
+                width,
+            )
         return batch
 
     def _measure_slice_bytes(self, height: int, width: int) -> int:
@@ -234,8 +271,14 @@ def _chunk_meta(meta: GridMeta, n: int) -> GridMeta:
     )
 
 
-def build_predictor(ckpt: str | Path | Sequence[str | Path], *, device: str = "auto", tta: bool | str = False,
-                    backend: str = "torch", **options) -> tuple[Predictor, dict]:
+def build_predictor(
+    ckpt: str | Path | Sequence[str | Path],
+    *,
+    device: str = "auto",
+    tta: bool | str = False,
+    backend: str = "torch",
+    **options,
+) -> tuple[Predictor, dict]:
     """The :class:`Predictor` of a segmentation checkpoint (its network and training preprocessing)
     with ``options`` (see :class:`Predictor`); returns ``(predictor, checkpoint record)``.
 
@@ -256,18 +299,26 @@ def build_predictor(ckpt: str | Path | Sequence[str | Path], *, device: str = "a
             raise SegDenseNetError(f"{path}: a {record.get('task')} checkpoint, not a segmentation model")
     check_members(paths, records)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    backend = resolve_backend(backend, device, str(options.get("precision", "32")), options.get("mc_samples", 0))
+    backend = resolve_backend(
+        backend, device, str(options.get("precision", "32")), options.get("mc_samples", 0)
+    )
     if backend == "onnxruntime":
         models = [
-            OnnxRuntimeModel(cached_onnx(path), min_size=getattr(model, "min_size", 1), threads=torch.get_num_threads())
+            OnnxRuntimeModel(
+                cached_onnx(path), min_size=getattr(model, "min_size", 1), threads=torch.get_num_threads()
+            )
             for path, model in zip(paths, models)
         ]
         options["channels_last"] = False  # the graph takes NCHW arrays
     data_cfg = records[0].get("data") or {}
     predictor = Predictor(
-        models[0] if len(models) == 1 else Ensemble(models), preprocessor_from_record(data_cfg), device=device,
+        models[0] if len(models) == 1 else Ensemble(models),
+        preprocessor_from_record(data_cfg),
+        device=device,
         num_classes=LabelSet.from_record(records[0]).num_classes,
-        tta_transforms=select_tta(tta, *((record.get("data") or {}).get("augmentation") for record in records)),
+        tta_transforms=select_tta(
+            tta, *((record.get("data") or {}).get("augmentation") for record in records)
+        ),
         **options,
     )
     record = records[0] if len(paths) == 1 else {**records[0], "ensemble": [str(path) for path in paths]}

@@ -49,20 +49,32 @@ class Dihedral:
 IDENTITY, ROT90, ROT180, ROT270 = (Dihedral(k) for k in range(4))
 TRANSPOSE, VFLIP, ANTITRANSPOSE, HFLIP = (Dihedral(k, True) for k in range(4))
 _DIHEDRAL_NAMES = {
-    IDENTITY: "identity", HFLIP: "hflip", VFLIP: "vflip", ROT180: "rot180",
-    ROT90: "rot90", ROT270: "rot270", TRANSPOSE: "transpose", ANTITRANSPOSE: "antitranspose",
+    IDENTITY: "identity",
+    HFLIP: "hflip",
+    VFLIP: "vflip",
+    ROT180: "rot180",
+    ROT90: "rot90",
+    ROT270: "rot270",
+    TRANSPOSE: "transpose",
+    ANTITRANSPOSE: "antitranspose",
 }
 D4 = tuple(_DIHEDRAL_NAMES)  # in this order: tta=true uses the first four, shapes kept
 FLIPS = D4[:4]
 # albumentations transforms whose output covers in-plane symmetries, and containers that pick one child
 _SYMMETRY_TRANSFORMS = {
-    "HorizontalFlip": {HFLIP}, "VerticalFlip": {VFLIP}, "Transpose": {TRANSPOSE},
-    "RandomRotate90": {ROT90, ROT180, ROT270}, "D4": set(D4), "SquareSymmetry": set(D4),
+    "HorizontalFlip": {HFLIP},
+    "VerticalFlip": {VFLIP},
+    "Transpose": {TRANSPOSE},
+    "RandomRotate90": {ROT90, ROT180, ROT270},
+    "D4": set(D4),
+    "SquareSymmetry": set(D4),
 }
 # rotation transforms: (argument, its default range in degrees, whether a single number x means (-x, x))
 _ROTATIONS = {
-    "Affine": ("rotate", (0.0, 0.0), False), "Rotate": ("limit", (-90.0, 90.0), True),
-    "SafeRotate": ("limit", (-90.0, 90.0), True), "ShiftScaleRotate": ("rotate_limit", (-45.0, 45.0), True),
+    "Affine": ("rotate", (0.0, 0.0), False),
+    "Rotate": ("limit", (-90.0, 90.0), True),
+    "SafeRotate": ("limit", (-90.0, 90.0), True),
+    "ShiftScaleRotate": ("rotate_limit", (-45.0, 45.0), True),
 }
 _ONE_OF = ("OneOf", "OneOrOther")
 
@@ -121,12 +133,18 @@ def select_tta(tta: bool | str, *augmentations: Mapping | None) -> list[Dihedral
     covered = [g for g in each[0] if all(g in other for other in each[1:])]
     chosen = covered if tta == "d4" else [g for g in covered if g in FLIPS]
     if covered == [IDENTITY]:
-        log.info("tta: checkpoint trained with no in-plane flips or rotations; tta=%s is a single pass",
-                 str(tta).lower())
+        log.info(
+            "tta: checkpoint trained with no in-plane flips or rotations; tta=%s is a single pass",
+            str(tta).lower(),
+        )
         return chosen
     left_out = [g.name for g in covered if g not in chosen]
-    log.info("tta: %d pass(es) over the training augmentation's symmetries: %s%s", len(chosen),
-             ", ".join(g.name for g in chosen), f"; tta=d4 adds {', '.join(left_out)}" if left_out else "")
+    log.info(
+        "tta: %d pass(es) over the training augmentation's symmetries: %s%s",
+        len(chosen),
+        ", ".join(g.name for g in chosen),
+        f"; tta=d4 adds {', '.join(left_out)}" if left_out else "",
+    )
     return chosen
 
 

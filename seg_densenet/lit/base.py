@@ -72,11 +72,16 @@ class BaseModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}
-        if self.scheduler_total_steps:  # the scheduler config's pass_total_steps: a schedule over the whole run
+        if (
+            self.scheduler_total_steps
+        ):  # the scheduler config's pass_total_steps: a schedule over the whole run
             steps = self.trainer.estimated_stepping_batches
             kwargs["total_steps"] = int(steps) if math.isfinite(steps) else 1000
         scheduler = self.scheduler_factory(optimizer, **kwargs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
 
     def check_finite(self, loss: torch.Tensor, batch: dict) -> None:
         """Stop before a NaN/inf loss reaches the weights (and so the checkpoints)."""
@@ -90,8 +95,11 @@ class BaseModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # what `python -m seg_densenet.info` shows: the record, when it was saved, the metrics so far
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
-                   if isinstance(v, torch.Tensor) and v.numel() == 1 and k.startswith(("train/", "val/"))}
+        metrics = {
+            k: float(v)
+            for k, v in self.trainer.callback_metrics.items()
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and k.startswith(("train/", "val/"))
+        }
         checkpoint["seg_densenet"] = {
             **self.record,
             "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),

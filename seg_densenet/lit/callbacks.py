@@ -57,8 +57,12 @@ class ProgressLog(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         steps = trainer.num_training_batches
-        if (not self.every_n_steps or not isinstance(steps, int) or steps <= self.every_n_steps
-                or (batch_idx + 1) % self.every_n_steps):
+        if (
+            not self.every_n_steps
+            or not isinstance(steps, int)
+            or steps <= self.every_n_steps
+            or (batch_idx + 1) % self.every_n_steps
+        ):
             return
         self._emit(trainer, f"{batch_idx + 1}/{steps} of the epoch, ")
 
@@ -71,8 +75,11 @@ class ProgressLog(pl.Callback):
                 if value is None:
                     continue
                 text = f"{stage} {name} {float(value):.3f}"
-                per_class = [(k.split("_", 1)[1], float(v)) for k, v in sorted(metrics.items())
-                             if k.startswith(f"{stage}/{name}_") and not k.endswith("_best")]
+                per_class = [
+                    (k.split("_", 1)[1], float(v))
+                    for k, v in sorted(metrics.items())
+                    if k.startswith(f"{stage}/{name}_") and not k.endswith("_best")
+                ]
                 if per_class:
                     text += " (" + " ".join(f"{k} {v:.3f}" for k, v in per_class) + ")"
                 best = metrics.get(f"{stage}/{name}_best")
@@ -90,8 +97,12 @@ class ProgressLog(pl.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         head = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {trainer.global_step}"
         head += f" {where}loss {float(loss):.4f}" if loss is not None else f" {where}".rstrip(", ")
-        self._log.info("%s%s | %s", head, f" | {scores}" if scores else "",
-                       f"{elapsed:.1f} min, {self._left(trainer, elapsed)}")
+        self._log.info(
+            "%s%s | %s",
+            head,
+            f" | {scores}" if scores else "",
+            f"{elapsed:.1f} min, {self._left(trainer, elapsed)}",
+        )
 
     def _left(self, trainer: pl.Trainer, elapsed: float) -> str:
         done = trainer.global_step - self._start_step
@@ -114,13 +125,20 @@ class ValidationOverlay(pl.Callback):
     def __init__(self, n_slices: int = 3) -> None:
         self.n_slices = n_slices
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         from pytorch_lightning.loggers import TensorBoardLogger
 
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if batch_idx != 0 or trainer.sanity_checking or not loggers or not isinstance(batch, dict) \
-                or "mask" not in batch or not hasattr(pl_module, "predict_volume_logits"):
+        if (
+            batch_idx != 0
+            or trainer.sanity_checking
+            or not loggers
+            or not isinstance(batch, dict)
+            or "mask" not in batch
+            or not hasattr(pl_module, "predict_volume_logits")
+        ):
             return
         import numpy as np
 
@@ -130,7 +148,15 @@ class ValidationOverlay(pl.Callback):
         # (S, H, W) -> (X, Y, Z), the evaluation's axis order
         image = batch["image"][:, 0].permute(1, 2, 0).float().cpu().numpy()
         gt = batch["mask"].permute(1, 2, 0).cpu().numpy()
-        rgb = overlay_image(image, gt, pred.permute(1, 2, 0).cpu().numpy(), pl_module.label_set.structures,
-                            f"epoch {trainer.current_epoch + 1}", self.n_slices)
+        rgb = overlay_image(
+            image,
+            gt,
+            pred.permute(1, 2, 0).cpu().numpy(),
+            pl_module.label_set.structures,
+            f"epoch {trainer.current_epoch + 1}",
+            self.n_slices,
+        )
         for logger in loggers:
-            logger.experiment.add_image("val/overlay", np.asarray(rgb), trainer.global_step, dataformats="HWC")
+            logger.experiment.add_image(
+                "val/overlay", np.asarray(rgb), trainer.global_step, dataformats="HWC"
+            )

@@ -30,7 +30,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, buffer)
         data = buffer.getbuffer()
         try:
-            with atomic_path(path, option="hydra.run.dir=", need_mb=len(data) / 1e6) as tmp, open(tmp, "wb") as f:
+            with (
+                atomic_path(path, option="hydra.run.dir=", need_mb=len(data) / 1e6) as tmp,
+                open(tmp, "wb") as f,
+            ):
                 f.write(data)
         except StorageError as exc:
             raise StorageError(f"{exc}; {RESUME}") from exc

@@ -16,10 +16,21 @@ class ClassificationModule(BaseModule):
     ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``, ``test/acc``.
     """
 
-    def __init__(self, model, optimizer, scheduler=None, scheduler_interval="step", record=None,
-                 num_classes: int = 5, label_smoothing: float = 0.0, channels_last: bool = False,
-                 scheduler_total_steps: bool = False):
-        super().__init__(model, optimizer, scheduler, scheduler_interval, record, channels_last, scheduler_total_steps)
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler=None,
+        scheduler_interval="step",
+        record=None,
+        num_classes: int = 5,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        scheduler_total_steps: bool = False,
+    ):
+        super().__init__(
+            model, optimizer, scheduler, scheduler_interval, record, channels_last, scheduler_total_steps
+        )
         self.label_smoothing = label_smoothing
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

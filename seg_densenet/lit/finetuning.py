@@ -49,7 +49,9 @@ class EncoderFinetuning(BaseFinetuning):
         for optimizer in trainer.optimizers:
             self.finetune_function(pl_module, trainer.current_epoch, optimizer)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+    ) -> None:
         # Lightning puts the whole model back in train mode after validation; set the mode every batch
         frozen = self.freeze_bn or trainer.current_epoch < self.freeze_epochs
         for module in self._batch_norms:

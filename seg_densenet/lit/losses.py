@@ -21,7 +21,9 @@ class DiceCELoss(nn.Module):
     the batch, background included, as in nnU-Net's default.
     """
 
-    def __init__(self, class_weights: list[float] | None = None, ce_weight: float = 1.0, dice_weight: float = 1.0):
+    def __init__(
+        self, class_weights: list[float] | None = None, ce_weight: float = 1.0, dice_weight: float = 1.0
+    ):
         super().__init__()
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.ce = nn.CrossEntropyLoss(weight=weight)
@@ -49,7 +51,9 @@ def build_loss(name: str, class_weights: list[float] | None = None) -> nn.Module
     raise ConfigError(f"task.segment.module.loss: unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
 
 
-def deep_supervision_loss(loss_fn: nn.Module, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+def deep_supervision_loss(
+    loss_fn: nn.Module, outputs: Sequence[torch.Tensor], target: torch.Tensor
+) -> torch.Tensor:
     """nnU-Net's deep-supervision loss: ``loss_fn`` of each output, full resolution first, against the
     target resized to it (nearest), weighted 1, 1/2, 1/4, ... and normalised to sum to 1.
 
@@ -60,6 +64,8 @@ def deep_supervision_loss(loss_fn: nn.Module, outputs: Sequence[torch.Tensor], t
     for weight, logits in zip(weights, outputs):
         scaled = target
         if logits.shape[-2:] != target.shape[-2:]:
-            scaled = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+            scaled = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[
+                :, 0
+            ].long()
         loss = loss + weight * loss_fn(logits, scaled)
     return loss / sum(weights)

@@ -32,12 +32,27 @@ class SegmentationModule(BaseModule):
     Lightning as an :class:`~seg_densenet.lit.finetuning.EncoderFinetuning` callback.
     """
 
-    def __init__(self, model: nn.Module, optimizer, scheduler=None, scheduler_interval="step", record=None,
-                 loss: str = "dice_ce", class_weights: list[float] | None = None, hd95_every_n_epochs: int = 5,
-                 freeze_encoder_epochs: int = 0, encoder_lr_mult: float = 1.0, freeze_encoder_bn: bool = False,
-                 inference_batch_size: int = 16, channels_last: bool = False, labels: dict[str, int] | None = None,
-                 scheduler_total_steps: bool = False):
-        super().__init__(model, optimizer, scheduler, scheduler_interval, record, channels_last, scheduler_total_steps)
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer,
+        scheduler=None,
+        scheduler_interval="step",
+        record=None,
+        loss: str = "dice_ce",
+        class_weights: list[float] | None = None,
+        hd95_every_n_epochs: int = 5,
+        freeze_encoder_epochs: int = 0,
+        encoder_lr_mult: float = 1.0,
+        freeze_encoder_bn: bool = False,
+        inference_batch_size: int = 16,
+        channels_last: bool = False,
+        labels: dict[str, int] | None = None,
+        scheduler_total_steps: bool = False,
+    ):
+        super().__init__(
+            model, optimizer, scheduler, scheduler_interval, record, channels_last, scheduler_total_steps
+        )
         self.label_set = LabelSet.from_config(labels)
         self.structures = self.label_set.metric_names
         self.loss_fn = build_loss(loss, class_weights)
@@ -50,7 +65,9 @@ class SegmentationModule(BaseModule):
         self.val_metrics = nn.ModuleDict({n: MeanMetric(nan_strategy="ignore") for n in names})
         self.test_metrics = nn.ModuleDict({n: MeanMetric(nan_strategy="ignore") for n in names})
         if (freeze_encoder_epochs or encoder_lr_mult != 1.0 or freeze_encoder_bn) and self.encoder is None:
-            raise ValueError("encoder fine-tuning options need a model with an `encoder` (dense_unet, smp_unet)")
+            raise ValueError(
+                "encoder fine-tuning options need a model with an `encoder` (dense_unet, smp_unet)"
+            )
 
     @property
     def encoder(self) -> nn.Module | None:
@@ -62,7 +79,10 @@ class SegmentationModule(BaseModule):
             return [{"params": list(self.model.parameters())}]
         encoder_ids = {id(p) for p in self.encoder.parameters()}
         rest = [p for p in self.model.parameters() if id(p) not in encoder_ids]
-        return [{"params": rest}, {"params": list(self.encoder.parameters()), "lr_mult": self.encoder_lr_mult}]
+        return [
+            {"params": rest},
+            {"params": list(self.encoder.parameters()), "lr_mult": self.encoder_lr_mult},
+        ]
 
     def configure_callbacks(self) -> list[pl.Callback]:
         if not (self.freeze_encoder_epochs or self.freeze_encoder_bn):
@@ -83,8 +103,10 @@ class SegmentationModule(BaseModule):
     @torch.no_grad()
     def predict_volume_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(S, C, H, W)`` of a slice stack ``(S, 1, H, W)``, in batches of slices."""
-        chunks = [self(image[i : i + self.inference_batch_size])
-                  for i in range(0, image.shape[0], self.inference_batch_size)]
+        chunks = [
+            self(image[i : i + self.inference_batch_size])
+            for i in range(0, image.shape[0], self.inference_batch_size)
+        ]
         return torch.cat(chunks)
 
     def _evaluate_volume(self, batch: dict, metrics: nn.ModuleDict, stage: str, with_hd95: bool) -> None:

@@ -147,14 +147,16 @@ class DenseDecoder(nn.Module):
             num_features = block.num_output_features
         self.out_channels = num_features
 
-    def forward(self, features: list[Tensor], size: tuple[int, int] | torch.Size,
-                image: Tensor | None = None) -> Tensor:
+    def forward(
+        self, features: list[Tensor], size: tuple[int, int] | torch.Size, image: Tensor | None = None
+    ) -> Tensor:
         """``features``: encoder maps high to low resolution; ``size``: (H, W) of the logits; ``image``:
         the input, needed when the decoder was built with ``input_channels``."""
         return self.forward_stages(features, size, image)[-1]
 
-    def forward_stages(self, features: list[Tensor], size: tuple[int, int] | torch.Size,
-                       image: Tensor | None = None) -> list[Tensor]:
+    def forward_stages(
+        self, features: list[Tensor], size: tuple[int, int] | torch.Size, image: Tensor | None = None
+    ) -> list[Tensor]:
         """The output of every stage, deep (stride 16) to shallow (the last is :meth:`forward`'s)."""
         if self.input_skip and image is None:
             raise ValueError("this decoder concatenates the input image at full resolution: pass image=")
@@ -272,7 +274,9 @@ class DenseUNet(nn.Module):
                 input_channels,
             )
         else:
-            self.decoder = decoder(encoder_channels=self.encoder.feature_channels, input_channels=input_channels)
+            self.decoder = decoder(
+                encoder_channels=self.encoder.feature_channels, input_channels=input_channels
+            )
         self.head = SegmentationHead(self.decoder.out_channels, num_classes)
         self.aux_heads = self._aux_heads(deep_supervision, num_classes)
         init_weights(self.decoder)
@@ -287,7 +291,9 @@ class DenseUNet(nn.Module):
         if channels is None:
             raise ConfigError("deep_supervision needs the dense decoder (decoder: null)")
         if not 0 < n < len(channels):
-            raise ConfigError(f"deep_supervision must be 0..{len(channels) - 1} (decoder stages before the last), got {n}")
+            raise ConfigError(
+                f"deep_supervision must be 0..{len(channels) - 1} (decoder stages before the last), got {n}"
+            )
         # the stages just before the last, shallow to deep: strides 2, 4, ...
         return nn.ModuleList(SegmentationHead(c, num_classes) for c in channels[-2 : -2 - n : -1])
 

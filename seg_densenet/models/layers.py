@@ -191,7 +191,9 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def decoder_stages(features: list[Tensor], size, image: Tensor | None) -> list[tuple[torch.Size, Tensor | None]]:
+def decoder_stages(
+    features: list[Tensor], size, image: Tensor | None
+) -> list[tuple[torch.Size, Tensor | None]]:
     """A U-Net decoder's (target size, skip) per stage, deep to shallow: each encoder tap but the
     bottleneck (``features[-1]``) at its own size, then the full-resolution stage at ``size`` with
     ``image`` (or ``None``) as its skip."""
@@ -204,5 +206,7 @@ def per_stage(values: Sequence[int], encoder_channels: Sequence[int], option: st
     """A decoder setting with one integer per stride-2 step (one per encoder tap), checked."""
     values = [int(v) for v in values]
     if len(values) != len(encoder_channels):
-        raise ConfigError(f"{option} needs {len(encoder_channels)} entries (one per stride-2 step), got {values}")
+        raise ConfigError(
+            f"{option} needs {len(encoder_channels)} entries (one per stride-2 step), got {values}"
+        )
     return values

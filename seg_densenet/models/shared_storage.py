@@ -67,7 +67,9 @@ def dense_block_forward(
     """
     # A channel slice of an NHWC buffer is strided in every dim, which BN and conv kernels handle slowly
     # (a DenseUNet training step took 1.6x as long): channels-last maps are concatenated per layer.
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = (
+        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    )
     if _per_layer or channels_last or _tracing() or not layers:
         features = [x]
         for layer in layers:

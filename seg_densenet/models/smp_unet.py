@@ -46,7 +46,8 @@ def smp_unet(
     if encoder_weights is not None:
         # smp's encoder overrides load_state_dict without ``strict``, so the file is read and adapted into
         # this project's DenseNet-121 features first, whose keys smp's encoder shares.
-        features = load_pretrained(densenet121(in_channels=in_channels, num_classes=0),
-                                   weights_file(encoder_weights, "densenet121"))
+        features = load_pretrained(
+            densenet121(in_channels=in_channels, num_classes=0), weights_file(encoder_weights, "densenet121")
+        )
         model.encoder.load_state_dict(features.state_dict())
     return model

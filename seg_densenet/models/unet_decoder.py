@@ -72,17 +72,21 @@ class UNetDecoder(nn.Module):
         in_channels = [encoder_channels[-1], *decoder_channels[:-1]]
         self.input_skip = input_channels > 0
         self.blocks = nn.ModuleList(
-            UNetBlock(c_in, c_skip, c_out) for c_in, c_skip, c_out in zip(in_channels, skip_channels, decoder_channels)
+            UNetBlock(c_in, c_skip, c_out)
+            for c_in, c_skip, c_out in zip(in_channels, skip_channels, decoder_channels)
         )
         self.out_channels = decoder_channels[-1]
 
-    def forward(self, features: list[Tensor], size: tuple[int, int] | torch.Size,
-                image: Tensor | None = None) -> Tensor:
+    def forward(
+        self, features: list[Tensor], size: tuple[int, int] | torch.Size, image: Tensor | None = None
+    ) -> Tensor:
         """``features``: encoder maps high to low resolution; ``size``: (H, W) of the output; ``image``:
         the input, needed when the decoder was built with ``input_channels``."""
         if self.input_skip and image is None:
             raise ValueError("this decoder concatenates the input image at full resolution: pass image=")
         x = features[-1]
-        for block, (target, skip) in zip(self.blocks, decoder_stages(features, size, image if self.input_skip else None)):
+        for block, (target, skip) in zip(
+            self.blocks, decoder_stages(features, size, image if self.input_skip else None)
+        ):
             x = block(x, target, skip)
         return x

@@ -55,8 +55,10 @@ def weights_file(spec: str | Path, architecture: str) -> Path:
     if str(spec) != "imagenet":
         return Path(spec)
     if architecture not in IMAGENET_FILES:
-        raise CheckpointError(f"weights=imagenet: there are ImageNet weights for {', '.join(IMAGENET_FILES)}, "
-                              f"not for {architecture}")
+        raise CheckpointError(
+            f"weights=imagenet: there are ImageNet weights for {', '.join(IMAGENET_FILES)}, "
+            f"not for {architecture}"
+        )
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     path = folder / IMAGENET_FILES[architecture]
     if not path.is_file():

@@ -35,17 +35,22 @@ def free_mb(path: str | os.PathLike) -> float:
     return float("nan")
 
 
-def storage_error(exc: OSError, path: str | os.PathLike, option: str = "output=",
-                  need_mb: float | None = None) -> StorageError | None:
+def storage_error(
+    exc: OSError, path: str | os.PathLike, option: str = "output=", need_mb: float | None = None
+) -> StorageError | None:
     """The one-line :class:`StorageError` for a refused write of ``path``, telling the user to free space
     or to choose another ``option``; ``None`` for an error that is not a refusal of the machine."""
     if exc.errno in DISK_FULL:
         free = free_mb(path)
         if need_mb is not None:
-            return StorageError(f"{path}: disk full: it needs {need_mb:.1f} MB and its file system has {free:.1f} MB "
-                                f"free: free {max(need_mb - free, 0.1):.1f} MB there or choose another {option}")
-        return StorageError(f"{path}: disk full ({free:.1f} MB free on its file system): free space there or "
-                            f"choose another {option}")
+            return StorageError(
+                f"{path}: disk full: it needs {need_mb:.1f} MB and its file system has {free:.1f} MB "
+                f"free: free {max(need_mb - free, 0.1):.1f} MB there or choose another {option}"
+            )
+        return StorageError(
+            f"{path}: disk full ({free:.1f} MB free on its file system): free space there or "
+            f"choose another {option}"
+        )
     if exc.errno == errno.EROFS:
         return StorageError(f"{path}: the file system is read-only: choose another {option}")
     if exc.errno in NOT_WRITABLE:
@@ -54,7 +59,9 @@ def storage_error(exc: OSError, path: str | os.PathLike, option: str = "output="
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, option: str = "output=", need_mb: float | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, option: str = "output=", need_mb: float | None = None
+) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it is renamed onto ``path``.
 
     An ``OSError`` of a full disk, a read-only file system or a missing permission, raised while
@@ -98,4 +105,6 @@ def refuse_overwrite_of_inputs(output: str | os.PathLike, inputs: list[str | os.
     out = Path(output).resolve()
     for src in inputs:
         if Path(src).resolve() == out:
-            raise SegDenseNetError(f"{output}: output path is the same as an input file; refusing to overwrite it")
+            raise SegDenseNetError(
+                f"{output}: output path is the same as an input file; refusing to overwrite it"
+            )

@@ -39,8 +39,10 @@ def user_error(exc: BaseException) -> SegDenseNetError | None:
                 return refused
         elif isinstance(exc, OSError) and exc.errno in (*DISK_FULL, *NOT_WRITABLE):
             # a failed write() names no file: say what the machine refused and where to look
-            return StorageError(f"writing an output failed: {exc.strerror}: free space on the output's disk or "
-                                "choose another output folder")
+            return StorageError(
+                f"writing an output failed: {exc.strerror}: free space on the output's disk or "
+                "choose another output folder"
+            )
     return None
 
 
@@ -104,8 +106,11 @@ def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
     if _full_error() or any(a.startswith("-") for a in argv):
         return
     # Hydra's own options are Hydra's to check, except the search path: it decides which configs exist
-    overrides = [a for a in argv if a.startswith("hydra.searchpath=")
-                 or not a.startswith("hydra.") and not a.startswith("hydra/")]
+    overrides = [
+        a
+        for a in argv
+        if a.startswith("hydra.searchpath=") or not a.startswith("hydra.") and not a.startswith("hydra/")
+    ]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
