@@ -361,80 +361,28 @@ def build_densenet(name: str, weights: str | None = None, **overrides) -> DenseN
     return model
 
 
-def densenet121(
-    *,
-    in_channels: int = 3,
-    num_classes: int = 1000,
-    memory_efficient: bool = False,
-    drop_rate: float = 0.0,
-    **kwargs,
-) -> DenseNet:
-    """DenseNet-121 (k=32, blocks 6-12-24-16, 64 stem maps); 7,978,856 parameters for 3 -> 1000."""
-    return build_densenet(
-        "densenet121",
-        in_channels=in_channels,
-        num_classes=num_classes,
-        memory_efficient=memory_efficient,
-        drop_rate=drop_rate,
-        **kwargs,
-    )
+def densenet121(**kwargs) -> DenseNet:
+    """DenseNet-121 (k=32, blocks 6-12-24-16, 64 stem maps); 7,978,856 parameters for 3 -> 1000.
+    ``kwargs``: any :class:`DenseNet` argument, and ``weights`` (:func:`build_densenet`)."""
+    return build_densenet("densenet121", **kwargs)
 
 
-def densenet169(
-    *,
-    in_channels: int = 3,
-    num_classes: int = 1000,
-    memory_efficient: bool = False,
-    drop_rate: float = 0.0,
-    **kwargs,
-) -> DenseNet:
-    """DenseNet-169 (k=32, blocks 6-12-32-32, 64 stem maps); 14,149,480 parameters for 3 -> 1000."""
-    return build_densenet(
-        "densenet169",
-        in_channels=in_channels,
-        num_classes=num_classes,
-        memory_efficient=memory_efficient,
-        drop_rate=drop_rate,
-        **kwargs,
-    )
+def densenet169(**kwargs) -> DenseNet:
+    """DenseNet-169 (k=32, blocks 6-12-32-32, 64 stem maps); 14,149,480 parameters for 3 -> 1000.
+    ``kwargs``: any :class:`DenseNet` argument, and ``weights`` (:func:`build_densenet`)."""
+    return build_densenet("densenet169", **kwargs)
 
 
-def densenet201(
-    *,
-    in_channels: int = 3,
-    num_classes: int = 1000,
-    memory_efficient: bool = False,
-    drop_rate: float = 0.0,
-    **kwargs,
-) -> DenseNet:
-    """DenseNet-201 (k=32, blocks 6-12-48-32, 64 stem maps); 20,013,928 parameters for 3 -> 1000."""
-    return build_densenet(
-        "densenet201",
-        in_channels=in_channels,
-        num_classes=num_classes,
-        memory_efficient=memory_efficient,
-        drop_rate=drop_rate,
-        **kwargs,
-    )
+def densenet201(**kwargs) -> DenseNet:
+    """DenseNet-201 (k=32, blocks 6-12-48-32, 64 stem maps); 20,013,928 parameters for 3 -> 1000.
+    ``kwargs``: any :class:`DenseNet` argument, and ``weights`` (:func:`build_densenet`)."""
+    return build_densenet("densenet201", **kwargs)
 
 
-def densenet161(
-    *,
-    in_channels: int = 3,
-    num_classes: int = 1000,
-    memory_efficient: bool = False,
-    drop_rate: float = 0.0,
-    **kwargs,
-) -> DenseNet:
-    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem maps); 28,681,000 parameters for 3 -> 1000."""
-    return build_densenet(
-        "densenet161",
-        in_channels=in_channels,
-        num_classes=num_classes,
-        memory_efficient=memory_efficient,
-        drop_rate=drop_rate,
-        **kwargs,
-    )
+def densenet161(**kwargs) -> DenseNet:
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem maps); 28,681,000 parameters for 3 -> 1000.
+    ``kwargs``: any :class:`DenseNet` argument, and ``weights`` (:func:`build_densenet`)."""
+    return build_densenet("densenet161", **kwargs)
 
 
 def densenet_bc(
