@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from seg_densenet.data.splits import ALL_FOLDS
 from seg_densenet.errors import ConfigError
 
 _ABSENT = object()
@@ -77,6 +78,10 @@ def one_of(*values: Any) -> tuple[Check, str]:
 
 
 BOOLEAN = ((lambda v: isinstance(v, bool)), "true or false")
+
+
+def either(first: tuple[Check, str], second: tuple[Check, str]) -> tuple[Check, str]:
+    return (lambda v: first[0](v) or second[0](v)), f"{first[1]} or {second[1].removeprefix('one of ')}"
 
 
 def pair_of(check: tuple[Check, str]) -> tuple[Check, str]:
@@ -213,7 +218,7 @@ _DATA = [
     rule("data.percentiles", pair_of(number_in(0, 100)), nullable=True),
     rule("data.normalization", one_of("zscore", "minmax", "none")),
     rule("data.n_folds", int_at_least(2)),
-    rule("data.fold", int_at_least(0)),
+    rule("data.fold", either(int_at_least(0), one_of(ALL_FOLDS))),
     rule("data.val_fraction", number_in(0, 1, high_open=True)),
     rule("data.in_channels", int_at_least(1)),
     rule("data.structures", STRUCTURES),
@@ -235,6 +240,7 @@ _OPTIM = [
 ]
 _TRAINER = [
     rule("trainer.max_epochs", int_at_least(1)),
+    rule("trainer.max_steps", either(int_at_least(1), one_of(-1))),
     rule("trainer.check_val_every_n_epoch", int_at_least(1)),
     rule("trainer.log_every_n_steps", int_at_least(1)),
     rule("trainer.accumulate_grad_batches", int_at_least(1)),

@@ -95,6 +95,8 @@ def _data(data: dict) -> str:
     if data.get("synthetic"):
         return f"synthetic phantom ({data['synthetic'].get('patients', '?')} patients) at {root}"
     split = f", test fold {data['fold']} of {data['n_folds']}" if "fold" in data and "n_folds" in data else ""
+    if data.get("fold") == "all":
+        split = ", no test fold (every patient trained)"
     return f"{root}{split}"
 
 

@@ -309,7 +309,10 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 def _has_test_data(datamodule) -> bool:
     # LightningDataModule's own test_dataloader only raises: a datamodule has test data if it overrides it
-    return type(datamodule).test_dataloader is not pl.LightningDataModule.test_dataloader
+    # and, where it says, holds some out (none with data.fold=all)
+    if type(datamodule).test_dataloader is pl.LightningDataModule.test_dataloader:
+        return False
+    return bool(getattr(datamodule, "has_test_data", True))
 
 
 def _scalars(metrics) -> dict[str, float]:

@@ -143,6 +143,8 @@ def test_every_shipped_experiment_passes(compose_app, experiment):
             "data.foreground_fraction=1.5: must be a number in [0, 1] or null",
         ),
         (["data.fold=5"], "data.fold=5: must be an integer in [0, 4] (data.n_folds=5)"),
+        (["data.fold=every"], "data.fold=every: must be an integer >= 0 or all"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0: must be an integer >= 1 or -1"),
         (
             ["task.segment.module.loss=focal"],
             "task.segment.module.loss=focal: must be one of ce, dice, dice_ce",

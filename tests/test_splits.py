@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from seg_densenet.data.acdc import GROUPS
-from seg_densenet.data.splits import load_split, make_split, save_split
-from seg_densenet.errors import ConfigError
+from seg_densenet.data.splits import load_split, make_split, save_split, split_patients
+from seg_densenet.errors import ConfigError, DataError
 
 PATIENTS = [(f"patient{i:03d}", GROUPS[i % 5]) for i in range(1, 101)]  # ACDC: 20 per group
 
@@ -63,8 +63,21 @@ def test_save_and_load(tmp_path):
     assert load_split(path) == split
 
 
+def test_fold_all_holds_no_patient_out(tmp_path):
+    split = make_split(PATIENTS, fold="all", n_folds=5, val_fraction=0.2, seed=0)
+    assert split["test"] == [] and split["fold"] == "all"
+    assert sorted(split["train"] + split["val"]) == sorted(name for name, _ in PATIENTS)
+    assert len(split["val"]) == 20  # the validation fraction is of every patient
+    trained = make_split(PATIENTS, fold="all", val_fraction=0)["train"]
+    assert trained == sorted(name for name, _ in PATIENTS)
+    path = save_split(tmp_path / "split.json", split)
+    with pytest.raises(DataError, match=r"the test list is empty \(fold all: every patient trained\)"):
+        split_patients(path, "test")
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"fold": 5}, {"fold": -1}, {"n_folds": 1}, {"n_folds": 101}, {"val_fraction": 1.0}]
+    "kwargs",
+    [{"fold": 5}, {"fold": -1}, {"fold": "every"}, {"n_folds": 1}, {"n_folds": 101}, {"val_fraction": 1.0}],
 )
 def test_bad_settings(kwargs):
     with pytest.raises(ConfigError):

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 
+from seg_densenet.checkpoint import safe_torch_load
 from seg_densenet.config import CONFIG_DIR, REPO_ROOT
 from seg_densenet.train import train
 from tests.conftest import quick_overrides, run_cli
@@ -305,7 +306,7 @@ def test_acdc_denseunet_trains_under_bf16_mixed_with_memory_efficient_layers(
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
-def test_acdc_recipe_trains_on_tiny_data(compose_cfg, tmp_path, synthetic_root):
+def test_acdc_recipe_trains_on_every_patient_for_its_steps(compose_cfg, tmp_path, synthetic_root):
     # the recipe's own settings (patches anywhere, augmentation margin, strong augmentation), shrunk
     cfg = compose_cfg(
         [
@@ -316,19 +317,32 @@ def test_acdc_recipe_trains_on_tiny_data(compose_cfg, tmp_path, synthetic_root):
             "data.num_workers=0",
             "data.crop_size=[48,48]",
             "data.augment_margin=8",
-            "debug=fast_dev_run",
+            "data.batch_size=4",
+            "trainer.max_steps=3",
         ]
     )
     assert cfg.data.foreground_fraction and cfg.data.target_spacing is None
     assert any("VerticalFlip" in t["_target_"] for t in cfg.data.augmentation.transforms)
-    # every non-test patient trains; the model is the last epoch's weight average
+    # every patient trains (none tested, none validated); the model is the last step's weight average
     assert (
-        cfg.data.val_fraction == 0
+        cfg.data.fold == "all"
+        and cfg.data.val_fraction == 0
         and cfg.task.segment.monitor is None
         and "weight_averaging" in cfg.callbacks
     )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert not any(key.startswith("test/") for key in metrics)  # nothing held out to test on
+    run = Path(cfg.paths.output_dir)
+    split = json.loads((run / "split.json").read_text())
+    assert (
+        split["test"] == []
+        and split["val"] == []
+        and len(split["train"]) == len([d for d in Path(synthetic_root).iterdir() if d.is_dir()])
+    )
+    # the schedule is in steps: the run stops inside its first epoch, and that step's model is saved
+    last = safe_torch_load(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 3 and last["epoch"] == 0
 
 
 @pytest.mark.slow

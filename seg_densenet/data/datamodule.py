@@ -72,7 +72,8 @@ class SegmentationDataModule(pl.LightningDataModule):
     normalization, percentiles, target_spacing (in-plane mm), crop_size (training ``(H, W)``): see
     :class:`~seg_densenet.data.preprocess.Preprocessor`; validation/test volumes are not cropped.
     cache_dir: where preprocessed volumes are kept (:mod:`~seg_densenet.data.cache`).
-    fold, n_folds, val_fraction, seed: the patient split (:func:`~seg_densenet.data.splits.make_split`).
+    fold, n_folds, val_fraction, seed: the patient split (:func:`~seg_densenet.data.splits.make_split`);
+    ``fold="all"`` holds out no test patients (the model to deploy: nothing is left to test it on).
     augmentation: an albumentations pipeline for training slices, or ``None``.
     skip_bad_cases: ``False``: an unreadable case raises :class:`DataError`; ``True``: it is left out,
     with one warning listing all such cases.
@@ -98,7 +99,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         augment_margin: int = 0,
         labelled_patients: int | None = None,
         cache_dir: str | Path = "data/cache",
-        fold: int = 0,
+        fold: int | str = 0,
         n_folds: int = 5,
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -239,6 +240,12 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._volume_loader("test")
+
+    @property
+    def has_test_data(self) -> bool:
+        """Whether any test volume is held out (none with ``fold="all"``)."""
+        self.setup()
+        return bool(self.entries["test"])
 
     def _volume_loader(self, split: str) -> DataLoader:
         # batch_size=None: one volume per step, returned as the dataset's item (no batch dimension)

@@ -1,8 +1,8 @@
 """Patient-level train/validation/test splits: stratified k-fold, deterministic from a seed.
 
 Patients (never slices) are dealt into ``n_folds`` folds stratified by diagnosis group; fold ``fold``
-is the test set. Of the remaining patients a ``val_fraction``, again stratified, is the validation
-set and the rest train. The same ``seed``, ``fold`` and ``n_folds`` always give the same split, so
+is the test set (``fold="all"``: none, every patient trains or validates, for the model to deploy). Of
+the remaining patients a ``val_fraction``, again stratified, is the validation set and the rest train. The same ``seed``, ``fold`` and ``n_folds`` always give the same split, so
 the classification pretraining stage, which uses the same split, never sees a test patient.
 """
 
@@ -17,10 +17,13 @@ import numpy as np
 from seg_densenet.errors import ConfigError, DataError
 from seg_densenet.utils.atomic import atomic_write_text
 
+ALL_FOLDS = "all"
+"""``data.fold`` that holds out no test fold: the final model of a recipe trains on every patient."""
+
 
 def make_split(
     patients: Iterable[tuple[str, str | None]],
-    fold: int = 0,
+    fold: int | str = 0,
     n_folds: int = 5,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -32,14 +35,14 @@ def make_split(
     groups = dict(patients)
     if not 2 <= n_folds <= len(groups):
         raise ConfigError(f"data.n_folds: need 2 <= n_folds <= {len(groups)} patients, got {n_folds}")
-    if not 0 <= fold < n_folds:
-        raise ConfigError(f"data.fold: need 0 <= fold < n_folds = {n_folds}, got {fold}")
+    if fold != ALL_FOLDS and not (isinstance(fold, int) and 0 <= fold < n_folds):
+        raise ConfigError(f"data.fold: need 0 <= fold < n_folds = {n_folds} or {ALL_FOLDS!r}, got {fold!r}")
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"data.val_fraction: need 0 <= val_fraction < 1, got {val_fraction}")
     rng = np.random.default_rng(seed)
     ordered = _stratified_order(groups, rng)
     # dealing the stratum-ordered list round-robin spreads every group evenly over the folds
-    test = [name for i, name in enumerate(ordered) if i % n_folds == fold]
+    test = [name for i, name in enumerate(ordered) if i % n_folds == fold]  # none for fold=all
     test_set = set(test)
     rest = _stratified_order({n: g for n, g in groups.items() if n not in test_set}, rng)
     # systematic sampling over the stratum-ordered list: round(N * f) patients, proportional per group
@@ -114,5 +117,6 @@ def split_patients(path: str | Path, subset: str) -> set[str]:
     if subset not in lists:
         raise ConfigError(f"subset={subset}: {path} has the patient lists {', '.join(lists)}")
     if not content[subset]:
-        raise DataError(f"{path}: the {subset} list is empty")
+        held_out = " (fold all: every patient trained)" if content.get("fold") == ALL_FOLDS else ""
+        raise DataError(f"{path}: the {subset} list is empty{held_out}")
     return {str(name) for name in content[subset]}

@@ -38,6 +38,8 @@ class ProgressLog(pl.Callback):
 
         epoch 3/20 step 162 loss 0.412 | val dice 0.712 (rv 0.610 myo 0.700 lv 0.830) best 0.712 | 2.4 min, ~13.6 min left
 
+    (``epoch 3 step 162/1000`` where ``trainer.max_steps`` sets the schedule.)
+
     The time left extrapolates the steps per minute of this run to ``trainer.estimated_stepping_batches``
     and is capped by what ``trainer.max_time`` leaves.
     """
@@ -95,7 +97,11 @@ class ProgressLog(pl.Callback):
             return
         elapsed = (time.monotonic() - self._start) / 60.0
         loss = trainer.callback_metrics.get("train/loss")
-        head = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {trainer.global_step}"
+        epoch, step = trainer.current_epoch + 1, trainer.global_step
+        if trainer.max_steps > 0:  # a schedule in steps (trainer.max_steps): the epochs are open-ended
+            head = f"epoch {epoch} step {step}/{trainer.max_steps}"
+        else:
+            head = f"epoch {epoch}/{trainer.max_epochs} step {step}"
         head += f" {where}loss {float(loss):.4f}" if loss is not None else f" {where}".rstrip(", ")
         self._log.info(
             "%s%s | %s",
