@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from seg_densenet.checkpoint import read_checkpoint
 from seg_densenet.config_checks import model_label
+from seg_densenet.data.splits import ALL_FOLDS
 from seg_densenet.utils.cli import check_overrides, run_cli
 
 NOT_RECORDED = "not recorded in this checkpoint"
@@ -95,7 +96,7 @@ def _data(data: dict) -> str:
     if data.get("synthetic"):
         return f"synthetic phantom ({data['synthetic'].get('patients', '?')} patients) at {root}"
     split = f", test fold {data['fold']} of {data['n_folds']}" if "fold" in data and "n_folds" in data else ""
-    if data.get("fold") == "all":
+    if data.get("fold") == ALL_FOLDS:
         split = ", no test fold (every patient trained)"
     return f"{root}{split}"
 
