@@ -198,6 +198,10 @@ LABEL_MAPPING = (
     "a mapping of label values in the files to class values, e.g. {0: 0, 1: 3, 2: 2, 3: 1}",
 )
 POSTPROCESS = one_of(None, "none", "lcc")
+AUTO_SCALE = (
+    (lambda v: pair_of(number_in(0, 100))[0](v) and v[0] <= v[1]),
+    "a pair [low, high] of percentiles, 0 <= low <= high <= 100",
+)
 
 
 def rule(key: str, check: tuple[Check, str], *, nullable: bool = False) -> Rule:
@@ -306,6 +310,7 @@ _PREDICTION = [
     rule("tta", TTA),
     rule("postprocess", POSTPROCESS),
     rule("scales", SCALES),
+    rule("auto_scale", AUTO_SCALE, nullable=True),
 ]
 RULES: dict[str, list[Rule]] = {
     "config": _TRAIN,
@@ -337,6 +342,7 @@ RULES: dict[str, list[Rule]] = {
         rule("predict_options.tta", TTA),
         rule("predict_options.postprocess", POSTPROCESS),
         rule("predict_options.scales", SCALES),
+        rule("predict_options.auto_scale", AUTO_SCALE, nullable=True),
         rule("predict_options.batch_size", int_at_least(1)),
         rule("predict_options.mc_samples", int_at_least(0)),
         rule("predict_options.backend", one_of("torch", "onnxruntime", "auto")),

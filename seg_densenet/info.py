@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from seg_densenet.checkpoint import read_checkpoint
 from seg_densenet.config_checks import model_label
+from seg_densenet.data.heart_size import size_at
 from seg_densenet.data.splits import ALL_FOLDS
 from seg_densenet.utils.cli import check_overrides, run_cli
 
@@ -66,6 +67,7 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
             or NOT_RECORDED,
         ),
         ("training grid", _grid(data)),
+        ("heart size", _heart_size(record.get("heart_size"))),
         ("augmentation", _augmentation(data.get("augmentation"))),
         ("validation", _metrics(record.get("metrics"), ("val/",)) + _best(ckpt)),
         ("test", _metrics(record.get("test_metrics"), ("test/",))),
@@ -110,6 +112,14 @@ def _grid(data: dict) -> str:
     crop = f"crop {'x'.join(map(str, crop))}" if crop else "whole slices"
     norm = f"{data.get('normalization', '?')} after clipping to percentiles {_plain(data.get('percentiles'))}"
     return f"{spacing}; {crop}; intensities {norm}"
+
+
+def _heart_size(stats: dict | None) -> str:
+    """The training hearts' sizes that the predictor's ``auto_scale`` zooms other scans into."""
+    if not stats:
+        return f"{NOT_RECORDED} (auto_scale is off for this checkpoint)"
+    p5, p50, p95 = (size_at(stats, p) for p in (5, 50, 95))
+    return f"{p5:.0f} / {p50:.0f} / {p95:.0f} px across (5th / 50th / 95th percentile of {stats['n_volumes']} training volumes)"
 
 
 def _augmentation(node: Any) -> str:

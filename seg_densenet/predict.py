@@ -110,6 +110,7 @@ def predict_tree(
     cine_frames: Sequence[int] | None = None,
     backend: str = "torch",
     scales: Sequence[float] = (1.0,),
+    auto_scale: Sequence[float] | None = None,
 ) -> list[Path]:
     """Predict every image under ``input`` into ``output`` (mirroring the tree); returns the masks written.
 
@@ -133,6 +134,7 @@ def predict_tree(
         channels_last=channels_last,
         backend=backend,
         scales=scales,
+        auto_scale=auto_scale,
     )
     structures = LabelSet.from_record(record).structures
     written = []
@@ -243,6 +245,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         cine_frames=cfg.cine_frames,
         backend=cfg.backend,
         scales=list(cfg.scales),
+        auto_scale=None if cfg.auto_scale is None else list(cfg.auto_scale),
     )
 
 

@@ -256,6 +256,7 @@ def robustness_report(
     batch_size: int = 16,
     channels_last: bool = True,
     scales: Sequence[float] = (1.0,),
+    auto_scale: Sequence[float] | None = None,
 ) -> list[dict]:
     """Evaluate ``ckpt`` on every frame under ``input`` under every shift; returns the per-shift rows
     (``robustness.csv``) after writing the reports into ``output``."""
@@ -274,6 +275,7 @@ def robustness_report(
         batch_size=batch_size,
         channels_last=channels_last,
         scales=scales,
+        auto_scale=auto_scale,
     )
     labels = LabelSet.from_record(record).structures
     mapping = (record.get("data") or {}).get("label_mapping")
@@ -284,6 +286,7 @@ def robustness_report(
         "ckpt": ckpt_text, "input": str(input), "split": None if split is None else f"{split} ({subset})",
         "n_cases": len({f.case for f in frames}), "n_frames": len(frames),
         "tta": tta, "postprocess": postprocess, "scales": list(scales),
+        "auto_scale": None if auto_scale is None else list(auto_scale),
     }  # fmt: skip
     markdown = robustness_markdown(rows, settings, list(labels))
     output.mkdir(parents=True, exist_ok=True)
@@ -417,7 +420,7 @@ def robustness_markdown(rows: list[dict], settings: dict, structures: list[str])
         f"- Input: `{settings['input']}`; split: {split}",
         f"- Cases: {settings['n_cases']} patients, {settings['n_frames']} frames",
         f"- Prediction: tta={str(settings['tta']).lower()}, postprocess={settings['postprocess'] or 'none'}, "
-        f"scales={settings['scales']}",
+        f"scales={settings['scales']}, auto_scale={settings.get('auto_scale')}",
         f"- {_worst_line(rows)}",
         "",
         _table(rows, structures),
@@ -450,6 +453,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         batch_size=cfg.batch_size,
         channels_last=cfg.channels_last,
         scales=list(cfg.scales),
+        auto_scale=None if cfg.auto_scale is None else list(cfg.auto_scale),
     )
 
 

@@ -131,6 +131,7 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         "model": _container(model_cfg)
         | ({"encoder_weights": None} if "encoder_weights" in model_cfg else {}),
         "data": _container(cfg.data),
+        "heart_size": datamodule.heart_sizes(),  # the training hearts' sizes: the predictor's auto_scale
         "class_names": list(datamodule.class_names),
         "command": command_line(),
     }

@@ -245,3 +245,19 @@ def _unmount(path: Path) -> None:
     import subprocess
 
     subprocess.run(["umount", str(path)], check=False)
+
+
+def test_auto_scale_takes_an_ordered_pair_of_percentiles_or_null(compose_app, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    given = [f"ckpt={ckpt}", f"input={tmp_path}", f"output={tmp_path}/out"]
+    for app, key in (
+        ("predict", "auto_scale"),
+        ("robustness", "auto_scale"),
+        ("evaluate", "predict_options.auto_scale"),
+    ):
+        validate(app, compose_app(app, [*given, f"{key}=[10,90]"]))
+        validate(app, compose_app(app, [*given, f"{key}=null"]))
+        for bad in ("[90,10]", "[5,105]", "[50]"):
+            with pytest.raises(ConfigError, match=rf"{key}=.*percentiles, 0 <= low <= high <= 100"):
+                validate(app, compose_app(app, [*given, f"{key}={bad}"]))

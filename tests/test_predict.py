@@ -525,3 +525,26 @@ def test_onnxruntime_backend_matches_torch_and_caches_its_export(trained_ckpt, s
     assert np.mean(labels == ort_labels) >= 0.999
     np.testing.assert_allclose(ort_probs, probs, atol=1e-4)
     np.testing.assert_array_equal(outputs["auto"][0], ort_labels)  # auto: onnxruntime on a CPU in fp32
+
+
+def test_largest_connected_component_inside_the_heart_beats_a_larger_far_island():
+    """A false RV island larger than the true RV but apart from the heart is dropped; a structure with
+    nothing inside the heart keeps its largest component (the fallback)."""
+    from seg_densenet.predict import largest_connected_components
+
+    labels = np.zeros((40, 40, 6), np.uint8)
+    labels[4:14, 4:14, 1:5] = 2  # myocardium
+    labels[7:11, 7:11, 1:5] = 3  # LV inside it
+    labels[14:17, 4:14, 1:5] = 1  # the true RV, against the myocardium: 120 voxels
+    labels[28:36, 28:36, 2:4] = 1  # a far island of "RV": 128 voxels
+    labels[30:33, 2:5, 3] = 2  # a small far island of myocardium
+    out = largest_connected_components(labels)
+    assert (out[14:17, 4:14, 1:5] == 1).all() and (out[28:36, 28:36] == 0).all()
+    assert (out[30:33, 2:5] == 0).all() and (out[7:11, 7:11, 1:5] == 3).all()
+    # per structure alone, the larger island would win
+    assert (largest_connected_components(labels, within_heart=False)[28:36, 28:36, 2:4] == 1).all()
+    alone = np.zeros_like(labels)
+    alone[28:36, 28:36, 2:4] = 1  # no heart elsewhere: it is the heart
+    alone[2:4, 2:4, 1] = 3
+    kept = largest_connected_components(alone)
+    assert (kept[28:36, 28:36, 2:4] == 1).all() and (kept[2:4, 2:4, 1] == 3).all()

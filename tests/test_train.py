@@ -262,6 +262,10 @@ def test_cli_synthetic_quick_end_to_end(tmp_path, synthetic_root):
     assert info["labels"] == "0 background, 1 RV, 2 MYO, 3 LV"
     assert "crop 64x64" in info["training grid"] and "[3.0, 3.0] mm" in info["training grid"]
     assert "Affine(" in info["augmentation"]
+    assert re.fullmatch(
+        r"\d+ / \d+ / \d+ px across \(5th / 50th / 95th percentile of \d+ training volumes\)",
+        info["heart size"],
+    )
     assert re.search(r"val/dice 0\.\d{4}", info["validation"]) and re.search(
         r"test/dice 0\.\d{4}", info["test"]
     )

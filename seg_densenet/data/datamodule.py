@@ -26,6 +26,7 @@ from seg_densenet.data.datasets import (
     VolumeDataset,
     check_crop_options,
 )
+from seg_densenet.data.heart_size import size_percentiles
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.data.splits import labelled_subset, make_split, save_split
@@ -240,6 +241,14 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._volume_loader("test")
+
+    def heart_sizes(self) -> dict | None:
+        """Percentiles of the training label maps' heart sizes in grid pixels, kept in the checkpoint
+        record for the predictor's ``auto_scale`` (:func:`~seg_densenet.data.heart_size.size_percentiles`)."""
+        self.setup()
+        return size_percentiles(
+            entry.load()[1] for entry in self.entries.get("labelled", self.entries["train"])
+        )
 
     @property
     def has_test_data(self) -> bool:

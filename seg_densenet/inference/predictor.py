@@ -17,6 +17,7 @@ from rich.progress import Progress
 
 from seg_densenet.checkpoint import load_model
 from seg_densenet.config_checks import SCALE_LIMITS
+from seg_densenet.data.heart_size import heart_size, size_at, zoom_into_band
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import GridMeta, Preprocessor, preprocessor_from_record
@@ -29,6 +30,8 @@ from seg_densenet.inference.tta import IDENTITY, Dihedral, select_tta
 log = logging.getLogger("seg_densenet.predict")
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+AUTO_SCALE_LIMITS = (0.5, 2.0)
+"""The largest zoom out and in that ``auto_scale`` applies to a volume."""
 
 
 class Predictor:
@@ -43,6 +46,11 @@ class Predictor:
     every model on the benchmark CPU (docs/benchmarks.md, fast paths).
     scales: in-plane zoom factors whose softmax is averaged too (``(1.0,)``: the slices as they are); a
     slice is resized by each (bilinear), predicted, and its probabilities resized back.
+    auto_scale: ``(low, high)`` percentiles of the training heart sizes ``heart_size`` (a checkpoint
+    record's, :mod:`seg_densenet.data.heart_size`), or ``None``. Each volume is first predicted in one
+    plain pass, its heart measured, and, if it lies outside that band, every scale is multiplied by
+    the zoom that brings it to the nearer edge (within :data:`AUTO_SCALE_LIMITS`): a scanner with
+    other pixels than the training data's meets the network at the scale it learned.
     """
 
     def __init__(
@@ -61,6 +69,8 @@ class Predictor:
         memory_budget_mb: float | None = None,
         channels_last: bool = True,
         scales: Sequence[float] = (1.0,),
+        auto_scale: Sequence[float] | None = None,
+        heart_size: dict | None = None,
     ):
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"precision={precision}: valid values are {', '.join(PRECISIONS)}")
@@ -79,6 +89,13 @@ class Predictor:
         low, high = SCALE_LIMITS
         if not all(low <= scale <= high for scale in self.scales):
             raise ConfigError(f"scales={list(scales)}: zoom factors must lie between {low:g} and {high:g}")
+        self.auto_scale = _check_band(auto_scale)
+        self.heart_size = heart_size
+        if self.auto_scale is not None and not heart_size:
+            log.warning(
+                "auto_scale: the checkpoint records no training heart sizes (saved before they were kept); off"
+            )
+            self.auto_scale = None
         self.mc_samples = int(mc_samples)
         self.postprocess = postprocess if postprocess != "none" else None
         self.num_classes = num_classes
@@ -91,14 +108,22 @@ class Predictor:
             self.model.enable_mc_dropout(True)
 
     @torch.inference_mode()
-    def _probabilities(self, slices: torch.Tensor) -> torch.Tensor:
-        """Softmax ``(B, C, H, W)`` float32 of slices ``(B, 1, H, W)``, averaged over TTA and MC passes."""
+    def _probabilities(
+        self,
+        slices: torch.Tensor,
+        scales: Sequence[float] | None = None,
+        transforms: Sequence[Dihedral] | None = None,
+    ) -> torch.Tensor:
+        """Softmax ``(B, C, H, W)`` float32 of slices ``(B, 1, H, W)``, averaged over TTA and MC passes
+        and ``scales`` (default: the predictor's) with ``transforms`` (default: its TTA)."""
+        scales = self.scales if scales is None else tuple(scales)
+        transforms = self.tta_transforms if transforms is None else tuple(transforms)
         passes = max(self.mc_samples, 1)
         size = slices.shape[-2:]
         min_size = getattr(self.model, "min_size", 1)
         total = None
         for _ in range(passes):
-            for scale in self.scales:
+            for scale in scales:
                 zoomed = (
                     slices
                     if scale == 1
@@ -107,9 +132,10 @@ class Predictor:
                         size=[max(min_size, round(n * scale)) for n in size],
                         mode="bilinear",
                         align_corners=False,
+                        antialias=scale < 1,  # zooming out: no aliasing of fine structure
                     )
                 )
-                for transform in self.tta_transforms:
+                for transform in transforms:
                     x = transform.apply(zoomed).contiguous(memory_format=self.memory_format)
                     with torch.autocast(
                         self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
@@ -119,7 +145,7 @@ class Predictor:
                     if scale != 1:
                         probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
                     total = probs if total is None else total + probs
-        return total / (passes * len(self.scales) * len(self.tta_transforms))
+        return total / (passes * len(scales) * len(transforms))
 
     def predict(self, volume: Volume, progress: Progress | None = None, task=None) -> dict[str, np.ndarray]:
         """``{"labels": (X, Y, Z) uint8, "probs": (C, X, Y, Z) float32 (if kept), "entropy": (X, Y, Z)}``.
@@ -155,7 +181,11 @@ class Predictor:
         n_slices = image.shape[0]
         X, Y, _ = meta.original_shape
         labels = np.zeros((X, Y, n_slices), dtype=np.uint8)
-        batch_size = self.slices_within_budget(*image.shape[1:])
+        scales = self.scales
+        if self.auto_scale is not None:
+            zoom = self.heart_zoom(image, window, name=volume.path or "volume")
+            scales = tuple(float(np.clip(zoom * scale, *SCALE_LIMITS)) for scale in self.scales)
+        batch_size = self.slices_within_budget(*image.shape[1:], scales=scales)
         probs_out = (
             np.zeros((self.num_classes, X, Y, n_slices), dtype=np.float32) if self.keep_probs else None
         )
@@ -164,7 +194,7 @@ class Predictor:
             stop = min(start + batch_size, n_slices)
             chunk = torch.from_numpy(image[start:stop, None]).to(self.device)
             try:
-                probs = self._probabilities(chunk).cpu().numpy()[(..., *window)]
+                probs = self._probabilities(chunk, scales).cpu().numpy()[(..., *window)]
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if "memory" not in str(err).lower():
                     raise
@@ -191,14 +221,41 @@ class Predictor:
             out["entropy"] = entropy
         return out
 
-    def slices_within_budget(self, height: int, width: int) -> int:
+    def heart_zoom(
+        self, image: np.ndarray, window: tuple[slice, slice] | None = None, name: str = "volume"
+    ) -> float:
+        """The ``auto_scale`` zoom of preprocessed slices ``(S, H, W)``: one plain pass (no TTA, scale 1),
+        the largest connected component of each structure, its heart size (pixels) against the band of
+        training sizes. ``window``: the ``(h, w)`` part of the slices that is the image (not padding)."""
+        window = window or (slice(None), slice(None))
+        batch_size = self.slices_within_budget(*image.shape[1:], scales=(1.0,))
+        first = []
+        for start in range(0, image.shape[0], batch_size):
+            chunk = torch.from_numpy(image[start : start + batch_size, None]).to(self.device)
+            probs = self._probabilities(chunk, (1.0,), (IDENTITY,))
+            first.append(probs.argmax(1).to(torch.uint8).cpu().numpy()[(..., *window)])
+        size = heart_size(largest_connected_components(np.concatenate(first)))
+        zoom = zoom_into_band(size, self.heart_size, self.auto_scale, AUTO_SCALE_LIMITS)
+        low, high = (size_at(self.heart_size, p) for p in self.auto_scale)
+        if size is None:
+            log.info("%s: auto_scale found no heart in a first pass; scale kept", name)
+        elif zoom != 1:
+            log.info(
+                "%s: heart %.0f px across, training band %.0f-%.0f px: slices zoomed by %.2f",
+                name, size, low, high, zoom,
+            )  # fmt: skip
+        return zoom
+
+    def slices_within_budget(self, height: int, width: int, scales: Sequence[float] | None = None) -> int:
         """Slices per forward pass: ``batch_size``, lowered so that the measured memory of one slice's
-        pass (network, softmax, inverse mapping) times the batch stays within ``memory_budget_mb``."""
+        pass (network, softmax, inverse mapping) at ``scales`` (default: the predictor's) times the
+        batch stays within ``memory_budget_mb``."""
         if not self.memory_budget_mb:
             return self.batch_size
-        key = (height, width)
+        scales = self.scales if scales is None else tuple(scales)
+        key = (height, width, scales)
         if key not in self._slice_bytes:
-            self._slice_bytes[key] = self._measure_slice_bytes(height, width)
+            self._slice_bytes[key] = self._measure_slice_bytes(height, width, scales)
         fits = int(self.memory_budget_mb * 2**20 // self._slice_bytes[key])
         batch = max(1, min(self.batch_size, fits))
         if batch < self.batch_size:
@@ -211,18 +268,19 @@ class Predictor:
             )
         return batch
 
-    def _measure_slice_bytes(self, height: int, width: int) -> int:
-        """Peak extra memory (bytes) of predicting one slice, measured once per in-plane size."""
+    def _measure_slice_bytes(self, height: int, width: int, scales: Sequence[float] | None = None) -> int:
+        """Peak extra memory (bytes) of predicting one slice at ``scales`` (default: the predictor's),
+        measured once per in-plane size and scales."""
         x = torch.zeros(1, 1, height, width, device=self.device)
         # a first, unmeasured pass: one-time allocations (kernel workspaces, thread pools) are not per slice
-        self._probabilities(x)
+        self._probabilities(x, scales)
         # what the chunk keeps besides the network: probabilities, their inverse mapping, labels
         floor = height * width * 4 * (3 * self.num_classes + 2)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-            self._probabilities(x)
+            self._probabilities(x, scales)
             return max(torch.cuda.max_memory_allocated(self.device) - base, floor)
         status = Path("/proc/self/status")
         if not status.is_file():
@@ -230,8 +288,19 @@ class Predictor:
         _release_free_heap()  # so that the pass's growth is not hidden in memory freed by the first pass
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
         base = _proc_status_kb("VmRSS")
-        self._probabilities(x)
+        self._probabilities(x, scales)
         return max((_proc_status_kb("VmHWM") - base) * 1024, floor)
+
+
+def _check_band(band: Sequence[float] | None) -> tuple[float, float] | None:
+    if band is None:
+        return None
+    values = tuple(float(p) for p in band)
+    if len(values) != 2 or not 0 <= values[0] <= values[1] <= 100:
+        raise ConfigError(
+            f"auto_scale={list(band)}: give [low, high] percentiles, 0 <= low <= high <= 100, or null"
+        )
+    return values
 
 
 def pad_to_min_size(image: np.ndarray, min_size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
@@ -319,6 +388,7 @@ def build_predictor(
         tta_transforms=select_tta(
             tta, *((record.get("data") or {}).get("augmentation") for record in records)
         ),
+        heart_size=records[0].get("heart_size"),
         **options,
     )
     record = records[0] if len(paths) == 1 else {**records[0], "ensemble": [str(path) for path in paths]}
