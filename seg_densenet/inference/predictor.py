@@ -192,16 +192,8 @@ class Predictor:
         entropy = np.zeros((X, Y, n_slices), dtype=np.float32) if self.mc_samples else None
         for start in range(0, n_slices, batch_size):
             stop = min(start + batch_size, n_slices)
-            chunk = torch.from_numpy(image[start:stop, None]).to(self.device)
-            try:
-                probs = self._probabilities(chunk, scales).cpu().numpy()[(..., *window)]
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if "memory" not in str(err).lower():
-                    raise
-                raise SegDenseNetError(
-                    f"{volume.path}: out of memory predicting {stop - start} slices of {image.shape[1:]} at once; "
-                    f"lower batch_size (now {batch_size}) or set memory_budget_mb"
-                ) from err
+            probs = self._chunk_probabilities(image, start, stop, volume.path, batch_size, scales)
+            probs = probs.cpu().numpy()[(..., *window)]
             chunk_meta = _chunk_meta(meta, stop - start)
             probs_xyz = self.preprocessor.invert(probs, chunk_meta)  # (C, X, Y, b)
             labels[..., start:stop] = probs_xyz.argmax(0).astype(np.uint8)
@@ -221,6 +213,29 @@ class Predictor:
             out["entropy"] = entropy
         return out
 
+    def _chunk_probabilities(
+        self,
+        image: np.ndarray,
+        start: int,
+        stop: int,
+        name,
+        batch_size: int,
+        scales: Sequence[float] | None = None,
+        transforms: Sequence[Dihedral] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`_probabilities` of slices ``image[start:stop]``; running out of memory is one line
+        naming the file ``name`` and the batch size to lower."""
+        chunk = torch.from_numpy(image[start:stop, None]).to(self.device)
+        try:
+            return self._probabilities(chunk, scales, transforms)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if "memory" not in str(err).lower():
+                raise
+            raise SegDenseNetError(
+                f"{name}: out of memory predicting {stop - start} slices of {image.shape[1:]} at once; "
+                f"lower batch_size (now {batch_size}) or set memory_budget_mb"
+            ) from err
+
     def heart_zoom(
         self, image: np.ndarray, window: tuple[slice, slice] | None = None, name: str = "volume"
     ) -> float:
@@ -231,8 +246,8 @@ class Predictor:
         batch_size = self.slices_within_budget(*image.shape[1:], scales=(1.0,))
         first = []
         for start in range(0, image.shape[0], batch_size):
-            chunk = torch.from_numpy(image[start : start + batch_size, None]).to(self.device)
-            probs = self._probabilities(chunk, (1.0,), (IDENTITY,))
+            stop = min(start + batch_size, image.shape[0])
+            probs = self._chunk_probabilities(image, start, stop, name, batch_size, (1.0,), (IDENTITY,))
             first.append(probs.argmax(1).to(torch.uint8).cpu().numpy()[(..., *window)])
         size = heart_size(largest_connected_components(np.concatenate(first)))
         zoom = zoom_into_band(size, self.heart_size, self.auto_scale, AUTO_SCALE_LIMITS)
