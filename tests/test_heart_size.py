@@ -99,6 +99,40 @@ def test_auto_scale_zooms_a_heart_outside_the_training_band_and_only_then(tmp_pa
         caplog.clear()
 
 
+class _Counting(_BrightIsLV):
+    """:class:`_BrightIsLV` that counts the slices it is given."""
+
+    slices = 0
+
+    def forward(self, x):
+        self.slices += x.shape[0]
+        return super().forward(x)
+
+
+def test_a_plain_prediction_reuses_auto_scales_first_pass(tmp_path):
+    """Without TTA and at one scale, a heart inside the band is predicted by auto_scale's own first pass
+    (each slice through the network once, the result as without auto_scale); one outside it twice."""
+    from seg_densenet.data.nifti import load_volume
+    from seg_densenet.data.preprocess import Preprocessor
+    from seg_densenet.predict import Predictor
+
+    stats = size_percentiles(_disc_slices([r] * 3) for r in range(10, 21))
+    for radius, passes in ((15, 1), (30, 2)):
+        image = _disc_slices([radius] * 4, shape=(96, 96)).astype(np.float32).transpose(1, 2, 0) * 100
+        path = tmp_path / f"disc{radius}.nii.gz"
+        nib.save(nib.Nifti1Image(image, np.eye(4)), path)
+        volume = load_volume(path)
+        net = _Counting()
+        got = Predictor(net, Preprocessor(), keep_probs=True, auto_scale=[5, 95], heart_size=stats).predict(
+            volume
+        )
+        assert net.slices == passes * 4
+        if passes == 1:
+            plain = Predictor(_BrightIsLV(), Preprocessor(), keep_probs=True).predict(volume)
+            np.testing.assert_array_equal(got["labels"], plain["labels"])
+            np.testing.assert_allclose(got["probs"], plain["probs"], atol=1e-6)
+
+
 def test_auto_scale_is_off_for_a_checkpoint_without_training_sizes(caplog):
     from seg_densenet.data.preprocess import Preprocessor
     from seg_densenet.errors import ConfigError

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from seg_densenet.checkpoint import load_model
-from seg_densenet.config_checks import SCALE_LIMITS
-from seg_densenet.data.heart_size import heart_size, size_at, zoom_into_band
+from seg_densenet.config_checks import AUTO_SCALE, SCALE_LIMITS
+from seg_densenet.data.heart_size import heart_size, zoom_into_band
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import GridMeta, Preprocessor, preprocessor_from_record
@@ -182,9 +182,13 @@ class Predictor:
         X, Y, _ = meta.original_shape
         labels = np.zeros((X, Y, n_slices), dtype=np.uint8)
         scales = self.scales
+        first_pass = None  # auto_scale's plain pass, reused when the prediction is that same pass
         if self.auto_scale is not None:
-            zoom = self.heart_zoom(image, window, name=volume.path or "volume")
+            plain = self.scales == (1.0,) and self.tta_transforms == (IDENTITY,) and not self.mc_samples
+            zoom, first_pass = self._heart_zoom(image, window, volume.path or "volume", keep=plain)
             scales = tuple(float(np.clip(zoom * scale, *SCALE_LIMITS)) for scale in self.scales)
+            if scales != (1.0,):
+                first_pass = None
         batch_size = self.slices_within_budget(*image.shape[1:], scales=scales)
         probs_out = (
             np.zeros((self.num_classes, X, Y, n_slices), dtype=np.float32) if self.keep_probs else None
@@ -192,7 +196,11 @@ class Predictor:
         entropy = np.zeros((X, Y, n_slices), dtype=np.float32) if self.mc_samples else None
         for start in range(0, n_slices, batch_size):
             stop = min(start + batch_size, n_slices)
-            probs = self._chunk_probabilities(image, start, stop, volume.path, batch_size, scales)
+            probs = (
+                first_pass[start:stop]
+                if first_pass is not None
+                else self._chunk_probabilities(image, start, stop, volume.path, batch_size, scales)
+            )
             probs = probs.cpu().numpy()[(..., *window)]
             chunk_meta = _chunk_meta(meta, stop - start)
             probs_xyz = self.preprocessor.invert(probs, chunk_meta)  # (C, X, Y, b)
@@ -242,24 +250,31 @@ class Predictor:
         """The ``auto_scale`` zoom of preprocessed slices ``(S, H, W)``: one plain pass (no TTA, scale 1),
         the largest connected component of each structure, its heart size (pixels) against the band of
         training sizes. ``window``: the ``(h, w)`` part of the slices that is the image (not padding)."""
+        return self._heart_zoom(image, window, name)[0]
+
+    def _heart_zoom(
+        self, image: np.ndarray, window: tuple[slice, slice] | None, name: str, keep: bool = False
+    ) -> tuple[float, torch.Tensor | None]:
+        """:meth:`heart_zoom`, and with ``keep`` the plain pass's probabilities ``(S, C, H, W)``."""
         window = window or (slice(None), slice(None))
         batch_size = self.slices_within_budget(*image.shape[1:], scales=(1.0,))
-        first = []
+        labels, kept = [], []
         for start in range(0, image.shape[0], batch_size):
             stop = min(start + batch_size, image.shape[0])
             probs = self._chunk_probabilities(image, start, stop, name, batch_size, (1.0,), (IDENTITY,))
-            first.append(probs.argmax(1).to(torch.uint8).cpu().numpy()[(..., *window)])
-        size = heart_size(largest_connected_components(np.concatenate(first)))
+            labels.append(probs.argmax(1).to(torch.uint8).cpu().numpy()[(..., *window)])
+            if keep:
+                kept.append(probs)
+        size = heart_size(largest_connected_components(np.concatenate(labels)))
         zoom = zoom_into_band(size, self.heart_size, self.auto_scale, AUTO_SCALE_LIMITS)
-        low, high = (size_at(self.heart_size, p) for p in self.auto_scale)
         if size is None:
             log.info("%s: auto_scale found no heart in a first pass; scale kept", name)
         elif zoom != 1:
             log.info(
-                "%s: heart %.0f px across, training band %.0f-%.0f px: slices zoomed by %.2f",
-                name, size, low, high, zoom,
+                "%s: heart %.0f px across, outside the training sizes' percentiles %g-%g: slices zoomed by %.2f",
+                name, size, *self.auto_scale, zoom,
             )  # fmt: skip
-        return zoom
+        return zoom, torch.cat(kept) if keep else None
 
     def slices_within_budget(self, height: int, width: int, scales: Sequence[float] | None = None) -> int:
         """Slices per forward pass: ``batch_size``, lowered so that the measured memory of one slice's
@@ -308,14 +323,13 @@ class Predictor:
 
 
 def _check_band(band: Sequence[float] | None) -> tuple[float, float] | None:
+    """``auto_scale`` as a ``(low, high)`` pair, by the config check's rule (:data:`AUTO_SCALE`)."""
     if band is None:
         return None
-    values = tuple(float(p) for p in band)
-    if len(values) != 2 or not 0 <= values[0] <= values[1] <= 100:
-        raise ConfigError(
-            f"auto_scale={list(band)}: give [low, high] percentiles, 0 <= low <= high <= 100, or null"
-        )
-    return values
+    check, expected = AUTO_SCALE
+    if not check(list(band)):
+        raise ConfigError(f"auto_scale={list(band)}: expected {expected}, or null")
+    return float(band[0]), float(band[1])
 
 
 def pad_to_min_size(image: np.ndarray, min_size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
