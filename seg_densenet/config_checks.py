@@ -217,6 +217,7 @@ _DATA = [
     rule("data.crop_jitter", int_at_least(0)),
     rule("data.augment_margin", int_at_least(0)),
     rule("data.labelled_patients", int_at_least(1), nullable=True),
+    rule("data.pretrain_target", one_of("diagnosis", "phase_position")),
     rule("data.foreground_fraction", number_in(0, 1), nullable=True),
     rule("data.target_spacing", pair_of(number_above(0)), nullable=True),
     rule("data.percentiles", pair_of(number_in(0, 100)), nullable=True),

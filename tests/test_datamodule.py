@@ -331,3 +331,26 @@ def test_labelled_patients_limits_segmentation_labels_only(dataset, tmp_path):
     assert json.loads(dm.save_split(tmp_path / "split.json").read_text())["labelled"] == labelled
     with pytest.raises(ConfigError, match=r"data.labelled_patients=7: must be between 1 and the 6 training"):
         make_dm(dataset, tmp_path / "cache", labelled_patients=7).setup("fit")
+
+
+def test_phase_position_pretraining_labels_every_slice_by_phase_and_third(dataset, tmp_path):
+    dm = make_dm(dataset, tmp_path / "cache", pretrain_target="phase_position", labelled_patients=3)
+    cls = dm.classification_datamodule()
+    cls.setup("fit")
+    assert cls.num_classes == 6 and cls.class_names[0] == "ED_top" and cls.class_names[5] == "ES_bottom"
+    train = cls.datasets["train"]
+    # every training patient (contours or not), every slice of both phases, each labelled by its own place
+    assert {e.name.rsplit("_", 1)[0] for e in train.store.entries} == set(dm.split["train"])
+    assert len(train) == sum(train.store.arrays(i)[0].shape[0] for i in range(len(train.store.entries)))
+    for k in range(len(train)):
+        i, z = train.index[k]
+        name, n = train.store.entries[i].name, train.store.arrays(i)[0].shape[0]
+        phase = ("ED", "ES").index(name.rsplit("_", 1)[1])
+        item = train[k]
+        assert int(item["label"]) == 3 * phase + min(2, 3 * z // n) and item["case"] == name
+        assert item["image"].shape[1:] == tuple(dm.crop_size)
+    assert {int(label) for label in train.slice_labels} == set(range(6))
+    with pytest.raises(
+        ConfigError, match="data.pretrain_target: 'position' is not one of diagnosis, phase_position"
+    ):
+        make_dm(dataset, tmp_path / "cache", pretrain_target="position")

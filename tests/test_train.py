@@ -131,6 +131,19 @@ def test_fast_dev_run_of_each_task(task, compose_cfg, tmp_path, synthetic_root):
     assert key in metrics and 0.0 <= metrics[key] <= 1.0
 
 
+def test_classify_stage_learns_the_phase_and_position_of_slices(compose_cfg, tmp_path, synthetic_root):
+    overrides = [
+        *quick_overrides(tmp_path, synthetic_root),
+        "task=classify",
+        "data.pretrain_target=phase_position",
+    ]
+    metrics = train(compose_cfg([*overrides, "debug=fast_dev_run"]))
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ckpt = safe_torch_load(Path(summary["stages"]["classify"]["best_checkpoint"]))
+    assert ckpt["state_dict"]["model.classifier.weight"].shape[0] == 6
+
+
 def test_channels_last_training_runs_in_nhwc_and_matches_nchw(compose_cfg, tmp_path, synthetic_root):
     from seg_densenet.lit.segmentation import SegmentationModule
 

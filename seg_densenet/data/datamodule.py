@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader
 from seg_densenet.data.acdc import GROUPS, Case, Layout, discover_cases
 from seg_densenet.data.cache import CachedVolume, VolumeCache
 from seg_densenet.data.datasets import (
+    PHASE_POSITIONS,
     DiagnosisSliceDataset,
     ImageFolderDataset,
+    PhasePositionSliceDataset,
     SliceDataset,
     VolumeDataset,
     check_crop_options,
@@ -32,6 +34,9 @@ from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.data.splits import labelled_subset, make_split, save_split
 from seg_densenet.data.transforms import WorkerSeededAugment
 from seg_densenet.errors import ConfigError, DataError, SegDenseNetError
+
+PRETRAIN_TARGETS = {"diagnosis": GROUPS, "phase_position": PHASE_POSITIONS}
+"""Stage-1 classification targets drawn from the segmentation data, with their class names."""
 
 SPLITS = ("train", "val", "test")
 
@@ -70,6 +75,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     labelled_patients: ``N``: segmentation trains on the labels of only ``N`` training patients, spread over
     the diagnosis groups (:func:`~seg_densenet.data.splits.labelled_subset`, listed as ``labelled`` in
     ``split.json``); validation, test and the diagnosis classification keep every patient of their split.
+    pretrain_target: what stage-1 classification learns from these patients (:meth:`classification_datamodule`):
+    ``"diagnosis"`` (the group of each patient) or ``"phase_position"`` (each slice's phase and third of the
+    stack, which needs neither contours nor diagnoses).
     normalization, percentiles, target_spacing (in-plane mm), crop_size (training ``(H, W)``): see
     :class:`~seg_densenet.data.preprocess.Preprocessor`; validation/test volumes are not cropped.
     cache_dir: where preprocessed volumes are kept (:mod:`~seg_densenet.data.cache`).
@@ -99,6 +107,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         foreground_fraction: float | None = None,
         augment_margin: int = 0,
         labelled_patients: int | None = None,
+        pretrain_target: str = "diagnosis",
         cache_dir: str | Path = "data/cache",
         fold: int | str = 0,
         n_folds: int = 5,
@@ -128,6 +137,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.foreground_fraction = foreground_fraction
         self.augment_margin = int(augment_margin)
         self.labelled_patients = labelled_patients
+        if pretrain_target not in PRETRAIN_TARGETS:
+            raise ConfigError(
+                f"data.pretrain_target: {pretrain_target!r} is not one of {', '.join(PRETRAIN_TARGETS)}"
+            )
+        self.pretrain_target = pretrain_target
         self.cache_dir = Path(cache_dir)
         self.fold, self.n_folds, self.val_fraction, self.seed = fold, n_folds, val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -218,7 +232,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def train_dataset(self) -> SliceDataset:
         augment = WorkerSeededAugment(self.augmentation) if self.augmentation is not None else None
         return SliceDataset(
-            self.entries.get("labelled", self.entries["train"]),
+            self.training_entries,
             self.crop_size,
             augment,
             self.crop_jitter,
@@ -246,9 +260,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         """Percentiles of the training label maps' heart sizes in grid pixels, kept in the checkpoint
         record for the predictor's ``auto_scale`` (:func:`~seg_densenet.data.heart_size.size_percentiles`)."""
         self.setup()
-        return size_percentiles(
-            entry.load()[1] for entry in self.entries.get("labelled", self.entries["train"])
-        )
+        return size_percentiles(entry.load()[1] for entry in self.training_entries)
+
+    @property
+    def training_entries(self) -> list:
+        """The slices' volumes that segmentation trains on: the labelled subset's under
+        ``labelled_patients``, else every training volume's."""
+        self.setup()
+        return self.entries.get("labelled", self.entries["train"])
 
     @property
     def has_test_data(self) -> bool:
@@ -275,9 +294,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         return save_split(path, self.split)
 
     def classification_datamodule(self, batch_size: int | None = None) -> ClassificationDataModule:
-        """Diagnosis classification over the same patients and split (stage-1 pretraining data)."""
+        """Stage-1 pretraining data: classification of ``pretrain_target`` over the same patients and split."""
         return ClassificationDataModule(
-            source="diagnosis",
+            source=self.pretrain_target,
             segmentation=self,
             batch_size=batch_size or self.batch_size,
             num_workers=self.num_workers,
@@ -291,7 +310,8 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     source: ``"diagnosis"``: mid-ventricular ED/ES slices labelled by diagnosis group (``GROUPS``
     order, ``num_classes`` 5), from ``segmentation``'s patients and split, cropped to its crop size;
-    patients without a known group are left out. ``"imagefolder"``: ``root/<class>/<image>``,
+    patients without a known group are left out. ``"phase_position"``: every ED/ES slice of the same
+    patients labelled by phase and third of the stack (``PHASE_POSITIONS``, 6 classes), crops centred. ``"imagefolder"``: ``root/<class>/<image>``,
     resized to ``image_size`` ``(H, W)``, ``val_fraction`` of each class held out (seeded).
     num_classes: expected class count (``None``: from the data; a mismatch is an error).
     in_channels: fixed at 1. Batches: ``{"image": (B, 1, H, W) float32, "label": (B,) int64, "case": list[str]}``.
@@ -313,11 +333,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         num_classes: int | None = None,
     ):
         super().__init__()
-        if source not in ("diagnosis", "imagefolder"):
-            raise ConfigError(f"data.source: {source!r} is not 'diagnosis' or 'imagefolder'")
-        if source == "diagnosis" and segmentation is None:
+        if source not in ("imagefolder", *PRETRAIN_TARGETS):
             raise ConfigError(
-                "data.source: 'diagnosis' needs a SegmentationDataModule (use its classification_datamodule())"
+                f"data.source: {source!r} is not one of imagefolder, {', '.join(PRETRAIN_TARGETS)}"
+            )
+        if source in PRETRAIN_TARGETS and segmentation is None:
+            raise ConfigError(
+                f"data.source: {source!r} needs a SegmentationDataModule (use its classification_datamodule())"
             )
         if source == "imagefolder" and root is None:
             raise ConfigError("data.root: the image folder is not set")
@@ -332,13 +354,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.in_channels = in_channels
         self._expected_classes = num_classes
         self.datasets: dict = {}
-        self.class_names: tuple[str, ...] = GROUPS if source == "diagnosis" else ()
-        if source == "diagnosis":
-            self._check_num_classes(len(GROUPS))
+        self.class_names: tuple[str, ...] = PRETRAIN_TARGETS.get(source, ())
+        if self.class_names:
+            self._check_num_classes(len(self.class_names))
 
     @property
     def num_classes(self) -> int:
-        """Number of classes: 5 for diagnosis; the class folders found for an image folder."""
+        """Number of classes: 5 for diagnosis, 6 for phase_position; the class folders of an image folder."""
         if self.source == "imagefolder" and not self.class_names:
             self.class_names = tuple(_class_folders(self.root))
             self._check_num_classes(len(self.class_names))
@@ -361,6 +383,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             return
         if self.source == "diagnosis":
             self._setup_diagnosis()
+        elif self.source == "phase_position":
+            self._setup_phase_position()
         else:
             self._setup_imagefolder()
 
@@ -385,6 +409,17 @@ class ClassificationDataModule(pl.LightningDataModule):
         if len(self.datasets["train"]) == 0:
             raise DataError(
                 f"{seg.root}: no training case has a diagnosis group in {GROUPS} (Group in the info file)"
+            )
+
+    def _setup_phase_position(self) -> None:
+        seg = self.segmentation
+        seg.setup()
+        for split in ("train", "val"):
+            augment = WorkerSeededAugment(seg.augmentation) if split == "train" and seg.augmentation else None
+            self.datasets[split] = PhasePositionSliceDataset(seg.entries[split], seg.crop_size, augment)
+        if len(self.datasets["train"]) == 0:
+            raise DataError(
+                f"{seg.root}: no training frame is an ED or ES phase (phase_position pretraining)"
             )
 
     def _setup_imagefolder(self) -> None:

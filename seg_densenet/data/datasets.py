@@ -244,6 +244,40 @@ class DiagnosisSliceDataset(Dataset):
         }
 
 
+PHASE_POSITIONS = tuple(f"{phase}_{third}" for phase in ("ED", "ES") for third in ("top", "middle", "bottom"))
+"""The ``phase_position`` classes: the frame's phase, and the third of its stack the slice lies in."""
+
+
+class PhasePositionSliceDataset(DiagnosisSliceDataset):
+    """Every slice of the ED and ES stacks, labelled with its phase and the third of the stack it lies in
+    (:data:`PHASE_POSITIONS`, in stack order), for classification pretraining without any contour or
+    diagnosis: telling the cavities' size and the slice's level apart asks the encoder to find the
+    ventricles. Crops are centred on the image. Entries of other phases are left out.
+    Item: as :class:`DiagnosisSliceDataset`'s, ``label`` an index in :data:`PHASE_POSITIONS`."""
+
+    def __init__(
+        self,
+        entries: Sequence[CachedVolume],
+        crop_size: Sequence[int] | None = None,
+        augment: Callable | None = None,
+    ):
+        phases = ("ED", "ES")
+        entries = [e for e in entries if e.name.rpartition("_")[2] in phases]
+        labels = [phases.index(e.name.rpartition("_")[2]) for e in entries]
+        super().__init__(entries, labels, crop_size, augment, mask_free=True)
+        self.index, self.slice_labels = [], []
+        for i in range(len(self.store.entries)):
+            n = self.store.arrays(i)[0].shape[0]
+            for z in range(n):
+                self.index.append((i, z))
+                self.slice_labels.append(3 * self.labels[i] + min(2, 3 * z // n))
+
+    def __getitem__(self, k: int) -> dict:
+        item = super().__getitem__(k)
+        item["label"] = torch.tensor(self.slice_labels[k], dtype=torch.int64)
+        return item
+
+
 class ImageFolderDataset(Dataset):
     """Labelled images from ``root/<class>/<image>`` (torchvision ``ImageFolder``), as 1-channel slices.
 
