@@ -184,7 +184,9 @@ class Predictor:
         scales = self.scales
         first_pass = None  # auto_scale's plain pass, reused when the prediction is that same pass
         if self.auto_scale is not None:
+            # kept whole (S, C, H, W) only without a memory budget: a budget bounds memory, not passes
             plain = self.scales == (1.0,) and self.tta_transforms == (IDENTITY,) and not self.mc_samples
+            plain = plain and not self.memory_budget_mb
             zoom, first_pass = self._heart_zoom(image, window, volume.path or "volume", keep=plain)
             scales = tuple(float(np.clip(zoom * scale, *SCALE_LIMITS)) for scale in self.scales)
             if scales != (1.0,):
