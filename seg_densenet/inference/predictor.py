@@ -187,7 +187,7 @@ class Predictor:
             # kept whole (S, C, H, W) only without a memory budget: a budget bounds memory, not passes
             plain = self.scales == (1.0,) and self.tta_transforms == (IDENTITY,) and not self.mc_samples
             plain = plain and not self.memory_budget_mb
-            zoom, first_pass = self._heart_zoom(image, window, volume.path or "volume", keep=plain)
+            zoom, first_pass = self.heart_zoom(image, window, volume.path or "volume", keep=plain)
             scales = tuple(float(np.clip(zoom * scale, *SCALE_LIMITS)) for scale in self.scales)
             if scales != (1.0,):
                 first_pass = None
@@ -247,17 +247,12 @@ class Predictor:
             ) from err
 
     def heart_zoom(
-        self, image: np.ndarray, window: tuple[slice, slice] | None = None, name: str = "volume"
-    ) -> float:
-        """The ``auto_scale`` zoom of preprocessed slices ``(S, H, W)``: one plain pass (no TTA, scale 1),
-        the largest connected component of each structure, its heart size (pixels) against the band of
-        training sizes. ``window``: the ``(h, w)`` part of the slices that is the image (not padding)."""
-        return self._heart_zoom(image, window, name)[0]
-
-    def _heart_zoom(
         self, image: np.ndarray, window: tuple[slice, slice] | None, name: str, keep: bool = False
     ) -> tuple[float, torch.Tensor | None]:
-        """:meth:`heart_zoom`, and with ``keep`` the plain pass's probabilities ``(S, C, H, W)``."""
+        """The ``auto_scale`` zoom of preprocessed slices ``(S, H, W)``: one plain pass (no TTA, scale 1),
+        the largest connected component of each structure, its heart size (pixels) against the band of
+        training sizes; with ``keep`` also that pass's probabilities ``(S, C, H, W)``, else ``None``.
+        ``window``: the ``(h, w)`` part of the slices that is the image (not padding)."""
         window = window or (slice(None), slice(None))
         batch_size = self.slices_within_budget(*image.shape[1:], scales=(1.0,))
         labels, kept = [], []
