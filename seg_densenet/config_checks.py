@@ -254,6 +254,7 @@ _TRAINER = [
     rule(
         "trainer.precision",
         one_of(
+            "auto",
             "32-true",
             "32",
             32,

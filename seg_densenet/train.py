@@ -26,6 +26,7 @@ from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.re
 from seg_densenet.checkpoint import safe_torch_load
 from seg_densenet.config_checks import model_label, validate
 from seg_densenet.errors import ConfigError, SegDenseNetError
+from seg_densenet.lit.precision import resolve_precision
 from seg_densenet.models.dense_unet import ENCODER_ARCHITECTURE
 from seg_densenet.models.densenet import DenseNet
 from seg_densenet.utils.atomic import atomic_write_text
@@ -165,8 +166,14 @@ def _fit(
         for logger in loggers:
             if hasattr(logger, "keep_until_step"):  # a logger that carries a resumed run's history over
                 logger.keep_until_step = step
+    precision = resolve_precision(
+        cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto")
+    )
+    if precision != cfg.trainer.get("precision"):
+        log.info("precision auto: %s on this machine", precision)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
+        precision=precision,
         callbacks=callbacks,
         logger=loggers or False,
         max_epochs=stage_cfg.max_epochs,

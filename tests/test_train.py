@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import Logger
 
 from seg_densenet.checkpoint import safe_torch_load
 from seg_densenet.config import CONFIG_DIR, REPO_ROOT
+from seg_densenet.lit.precision import resolve_precision
 from seg_densenet.train import train
 from tests.conftest import quick_overrides, run_cli
 
@@ -225,6 +226,32 @@ def test_bf16_mixed_precision_on_cpu(compose_cfg, tmp_path, synthetic_root):
     )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"), [("avx2 amx_bf16 amx_tile", "bf16-mixed"), ("avx2 fma", "32-true")]
+)
+def test_precision_auto_is_bf16_only_where_the_cpu_has_it(flags, expected, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+    assert resolve_precision("auto", "cpu", str(cpuinfo)) == expected
+    assert resolve_precision("auto", "cpu", str(tmp_path / "missing")) == "32-true"
+    assert resolve_precision("16-mixed", "cpu", str(cpuinfo)) == "16-mixed"  # an explicit choice stays
+
+
+def test_precision_auto_trains_with_what_this_machine_offers(compose_cfg, tmp_path, synthetic_root, caplog):
+    cfg = compose_cfg(
+        [
+            *quick_overrides(tmp_path, synthetic_root),
+            "task=segment",
+            "debug=fast_dev_run",
+            "trainer.precision=auto",
+        ]
+    )
+    with caplog.at_level("INFO", logger="seg_densenet.train"):
+        metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert f"precision auto: {resolve_precision('auto', 'cpu')} on this machine" in caplog.text
 
 
 @pytest.mark.slow
