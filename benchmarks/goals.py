@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from benchmarks.training import CHANNELS_LAST, PER_LAYER
+from benchmarks.inference import BF16_CL, RECIPE_MODEL, VOLUME_VARIANTS
+from benchmarks.training import BF16, CHANNELS_LAST, PER_LAYER
 
 
 def _get(results: Mapping, *path: str) -> dict:
@@ -153,8 +154,10 @@ def _volume_goal(
     text = f"{name} inference of a 10-slice 256x216 volume on 2 CPU cores, no TTA, model loaded" + (
         f": under {target:g} s" if target else " (reported)"
     )
-    variants = {k: volume.get(f"{name} {k}", {}) for k in ("eager", "channels_last", "onnxruntime")}
-    variants = {k: v for k, v in variants.items() if v or k == "eager"}  # onnxruntime: only where it ran
+    variants = {k: volume.get(f"{name} {k}", {}) for k in VOLUME_VARIANTS}
+    variants = {
+        k: v for k, v in variants.items() if v or k == "eager"
+    }  # onnxruntime, bf16: only where they ran
     measured = {k: v for k, v in variants.items() if not _ok(v)}
     if not measured:
         return _missing(gid, text, volume.get(name, {}).get("reason") or _ok(variants["eager"]))
@@ -203,7 +206,7 @@ def _ceiling_goal(throughput: Mapping, volume: Mapping, ceiling: Mapping) -> dic
     shares, off = {}, None
     for name, group in throughput.items():
         rows = [(n, c) for n, c in group.items() if "bf16" not in n]  # bf16 rows hold against bf16's ceiling
-        rows += [(n, c) for n, c in volume.items() if n.startswith(f"{name} ")]
+        rows += [(n, c) for n, c in volume.items() if n.startswith(f"{name} ") and "bf16" not in n]
         rated = [
             (c["gflop_per_item"] * c["items_per_s"], n)
             for n, c in rows
@@ -266,6 +269,7 @@ def goals(results: Mapping) -> list[dict]:
         _fc103_memory(fc),
         _volume_goal(volume, "fc56_volume", "FC-DenseNet56", 1.0, threads, ceiling),
         _volume_goal(volume, "dense_unet_volume", "DenseUNet", 0.35, threads, ceiling),
+        _volume_goal(volume, "recipe_volume", RECIPE_MODEL, None, threads, ceiling),
         _ceiling_goal(throughput, volume, ceiling),
         _dense_unet_vs_smp_latency(throughput),
         _data_vs_training(
@@ -300,7 +304,7 @@ def _inference_layout_rows(throughput: Mapping) -> list[dict]:
     rows = []
     for name, variants in throughput.items():
         eager = variants.get("eager", {})
-        for variant in ("channels_last", "bf16 autocast"):
+        for variant in ("channels_last", "bf16 autocast", BF16_CL):
             v = variants.get(variant, {})
             if reason := _ok(eager, v):
                 rows.append(_row(variant, f"inference, {name}", "-", f"not measured: {reason}"))
@@ -311,9 +315,10 @@ def _inference_layout_rows(throughput: Mapping) -> list[dict]:
 
 
 def _volume_layout_rows(volume: Mapping) -> list[dict]:
-    """channels_last against eager, whole-volume latency, where both were measured."""
+    """channels_last against eager, onnxruntime against torch's fastest fp32 layout, and bf16 channels_last
+    against the fastest fp32 path: whole-volume latency, where both sides were measured."""
     rows = []
-    for name in ("FC-DenseNet56", "DenseUNet"):
+    for name in ("FC-DenseNet56", "DenseUNet", RECIPE_MODEL):
         eager, cl = volume.get(f"{name} eager", {}), volume.get(f"{name} channels_last", {})
         if not _ok(eager, cl):
             r = eager["median_s"] / cl["median_s"]
@@ -327,6 +332,23 @@ def _volume_layout_rows(volume: Mapping) -> list[dict]:
                     "onnxruntime (`predict backend=onnxruntime`)",
                     f"volume latency, {name}",
                     f"{r:.2f}x faster than torch's fastest layout",
+                    _verdict(r),
+                )
+            )
+        bf16 = volume.get(f"{name} bf16 channels_last", {})
+        fp32 = {
+            k: c
+            for k in ("eager", "channels_last", "onnxruntime")
+            if not _ok(c := volume.get(f"{name} {k}", {}))
+        }
+        if bf16 and not _ok(bf16) and fp32:
+            fastest = min(fp32, key=lambda k: fp32[k]["median_s"])
+            r = fp32[fastest]["median_s"] / bf16["median_s"]
+            rows.append(
+                _row(
+                    "bf16 channels_last (`predict precision=bf16`)",
+                    f"volume latency, {name}",
+                    f"{r:.2f}x faster than fp32's fastest ({fastest})",
                     _verdict(r),
                 )
             )
@@ -380,6 +402,23 @@ def _training_layout_rows(seg: Mapping) -> list[dict]:
             r = _speed(nhwc, nchw)
             measured = f"{r:.2f}x images/s, {_memory(nhwc, nchw):.2f}x peak memory"
             rows.append(_row("channels_last", f"training, {name}", measured, _verdict(r)))
+    return rows
+
+
+def _recipe_rows(recipe: Mapping) -> list[dict]:
+    """The real-heart recipe's training step: channels_last against NCHW, bf16 autocast against fp32
+    in each layout (bf16 rows only where the suite ran them: native bf16)."""
+    rows = []
+    pairs = (
+        ("channels_last", "recipe fp32", "recipe fp32" + CHANNELS_LAST),
+        ("bf16 autocast", "recipe fp32", "recipe" + BF16),
+        ("bf16 autocast", "recipe fp32" + CHANNELS_LAST, "recipe" + BF16 + CHANNELS_LAST),
+    )
+    for path, base, fast in pairs:
+        if not _ok(recipe.get(base, {}), recipe.get(fast, {})):
+            r = _speed(recipe[fast], recipe[base])
+            measured = f"{r:.2f}x images/s, {_memory(recipe[fast], recipe[base]):.2f}x peak memory"
+            rows.append(_row(path, f"training, {fast} against {base}", measured, _verdict(r)))
     return rows
 
 
@@ -445,6 +484,7 @@ def fast_paths(results: Mapping) -> list[dict]:
         *_compile_rows(_get(results, "suites", "infer", "compile")),
         *_recompute_rows(dn),
         *_training_layout_rows(seg),
+        *_recipe_rows(_get(results, "suites", "train", "recipe")),
         *_shared_storage_rows(dn, seg),
         *_loader_rows(_get(results, "suites", "data", "loaders"), device),
         *_cudnn_rows(throughput),

@@ -3,7 +3,7 @@
 Groups, each interleaved in one process run:
 
 * ``throughput``: per model, a batch of ``(B, 1, S, S)`` slices through fp32 eager, channels_last and
-  bf16 autocast (and, on a GPU, with ``cudnn.benchmark`` on). bf16 is first tried on a 1-slice pilot.
+  bf16 autocast in both layouts (and, on a GPU, with ``cudnn.benchmark`` on). bf16 is first tried on a 1-slice pilot.
   A CPU without native bf16 emulates it, and the pilot's slowdown understates the full-size one
   (5x on the pilot, 34x at 224x224 for FC-DenseNet56 in the first run), so there only the pilot's
   figure is reported; elsewhere bf16 is skipped where predicted to take longer than ``max_call_s``.
@@ -12,7 +12,11 @@ Groups, each interleaved in one process run:
   is reported apart and excluded from the throughput.
 * ``volume``: :class:`seg_densenet.inference.predictor.Predictor` on one ``(X, Y, Z)`` volume (preprocessing,
   network, inverse mapping; no TTA, model already loaded), eager, channels_last and, on a CPU with
-  onnxruntime installed, the ONNX export run by ONNX Runtime (``predict backend=onnxruntime``).
+  onnxruntime installed, the ONNX export run by ONNX Runtime (``predict backend=onnxruntime``), and where
+  bf16 is native, bf16 autocast in channels-last layout (``predict precision=bf16``).
+
+The models are the paper architectures at their defaults, plus the real-heart recipe's small DenseUNet
+(``experiment=acdc_recipe_cpu``'s model, composed from ``conf/``), the model most users predict with.
 
 ``python -m benchmarks.inference compile '<json>'`` is the child's entry point (used by the suite).
 """
@@ -33,22 +37,29 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.measure import Measurement, interleave, summaries
-from benchmarks.roofline import forward_gflop, native_bf16, per_item
+from benchmarks.roofline import forward_gflop, per_item
+from benchmarks.training import recipe_setting
 from seg_densenet.data.nifti import Volume
 from seg_densenet.data.preprocess import Preprocessor
 from seg_densenet.inference.predictor import Predictor
 from seg_densenet.models import build_model
+from seg_densenet.utils.hardware import native_bf16
 
+RECIPE_MODEL = "DenseUNet small (recipe)"  # the real-heart recipe's model
 MODELS = {
     "FC-DenseNet56": "fc_densenet56",
     "FC-DenseNet103": "fc_densenet103",
     "DenseUNet": "dense_unet",
     "smp Unet(densenet121)": "smp_unet",
+    RECIPE_MODEL: None,  # composed from conf/experiment/acdc_recipe_cpu.yaml
 }
+BF16_CL = "bf16 autocast, channels_last"  # throughput configuration
+VOLUME_VARIANTS = ("eager", "channels_last", "onnxruntime", "bf16 channels_last")
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,11 @@ class InferPlan:
     compile_timeout_s: float = 150.0
     max_call_s: float = 40.0
     volume_max_call_s: float = 60.0
-    volume_models: tuple[str, ...] = ("FC-DenseNet56", "DenseUNet")  # the models the goals name
+    volume_models: tuple[str, ...] = (
+        "FC-DenseNet56",
+        "DenseUNet",
+        RECIPE_MODEL,
+    )  # the goals' models and the recipe's
 
 
 PLANS = {
@@ -90,6 +105,8 @@ PLANS = {
 def build(name: str, device: torch.device) -> nn.Module:
     """The model ``MODELS[name]`` for 1-channel, 4-class input, in eval mode on ``device``."""
     torch.manual_seed(0)
+    if name == RECIPE_MODEL:
+        return instantiate(recipe_setting()[0]).to(device).eval()
     return build_model(MODELS[name], in_channels=1, num_classes=4).to(device).eval()
 
 
@@ -127,29 +144,32 @@ def bf16_pilot(model: nn.Module, device: torch.device, size: int) -> float:
 
 
 def throughput_group(name: str, plan: InferPlan, device: torch.device) -> dict:
-    """Slices/s of one model: fp32 eager, channels_last, bf16 autocast (and cudnn.benchmark on a GPU)."""
+    """Slices/s of one model: fp32 eager, channels_last, bf16 autocast in both layouts (and cudnn.benchmark
+    on a GPU)."""
     model = build(name, device)
     x = torch.randn(plan.batch, 1, plan.size, plan.size, device=device)
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
     calls = {
         "eager": forward_call(model, x, cudnn_benchmark=False if device.type == "cuda" else None),
-        "channels_last": forward_call(channels_last, x.contiguous(memory_format=torch.channels_last)),
+        "channels_last": forward_call(channels_last, x_nhwc),
         "bf16 autocast": forward_call(model, x, torch.bfloat16),
+        BF16_CL: forward_call(channels_last, x_nhwc, torch.bfloat16),
     }
     if device.type == "cuda":
         calls["cudnn.benchmark"] = forward_call(model, x, cudnn_benchmark=True)
     slowdown = bf16_pilot(model, device, plan.pilot_size)
-    emulated = device.type == "cpu" and not native_bf16(device)
+    emulated = device.type == "cpu" and not native_bf16(device.type)
 
     def skip_check(config: str, done: dict[str, Measurement]) -> str | None:
         eager = done["eager"]
         first = (eager.cold_s or eager.seconds or [0.0])[0]
-        if config == "bf16 autocast" and emulated:
+        if config.startswith("bf16 autocast") and emulated:
             return (
                 f"this CPU has no native bf16: {slowdown:.1f}x slower than fp32 on a 1-slice "
                 f"{plan.pilot_size}x{plan.pilot_size} pilot, more at full size; not run at full size"
             )
-        if config == "bf16 autocast" and slowdown * first > plan.max_call_s:
+        if config.startswith("bf16 autocast") and slowdown * first > plan.max_call_s:
             return (
                 f"predicted {slowdown * first:.0f} s per call > {plan.max_call_s:.0f} s: bf16 ran {slowdown:.1f}x "
                 f"slower than fp32 on a 1-slice {plan.pilot_size}x{plan.pilot_size} pilot"
@@ -160,7 +180,8 @@ def throughput_group(name: str, plan: InferPlan, device: torch.device) -> dict:
     settings = {
         c: {"batch": plan.batch, "size": [plan.size, plan.size], "gflop_per_item": gflop} for c in calls
     }
-    settings["bf16 autocast"]["pilot_slowdown"] = round(slowdown, 2)
+    for config in ("bf16 autocast", BF16_CL):
+        settings[config]["pilot_slowdown"] = round(slowdown, 2)
     results = interleave(
         calls,
         dict.fromkeys(calls, plan.batch),
@@ -187,7 +208,8 @@ def synthetic_volume(shape: tuple[int, int, int]) -> Volume:
 
 
 def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dict:
-    """Whole-volume latency through Predictor, eager and channels_last, for each model that fits the limits."""
+    """Whole-volume latency through Predictor (eager, channels_last, onnxruntime on a CPU, bf16 channels_last
+    where bf16 is native), for each model of ``plan.volume_models`` that fits the limits."""
     volume = synthetic_volume(plan.volume_shape)
     x_size, y_size, n_slices = plan.volume_shape
     preprocessor = Preprocessor(normalization="zscore", target_spacing=None, crop_size=None)
@@ -207,18 +229,21 @@ def volume_group(plan: InferPlan, device: torch.device, throughput: dict) -> dic
                     f"predicted {predicted:.0f} s per volume from its slices/s > {plan.volume_max_call_s:.0f} s"
                 )
                 continue
-        for variant in ("eager", "channels_last", "onnxruntime"):
+        for variant in VOLUME_VARIANTS:
             net = build(name, device)  # same seed: every variant holds the same weights
             if variant == "onnxruntime":
                 if device.type != "cpu" or importlib.util.find_spec("onnxruntime") is None:
                     continue
                 net = _onnxruntime_model(net, (x_size, y_size))
+            if variant.startswith("bf16") and not native_bf16(device.type):
+                continue
             predictor = Predictor(
                 net,
                 preprocessor,
                 device=str(device),
                 batch_size=n_slices,
-                channels_last=variant == "channels_last",
+                channels_last=variant.endswith("channels_last"),
+                precision="bf16" if variant.startswith("bf16") else "32",
             )
             if (
                 variant == "eager"
@@ -318,7 +343,7 @@ def _compile_child(args: dict) -> dict:
 def run(plan: InferPlan, device: torch.device, threads: int, log: Callable[[str], None] = print) -> dict:
     out: dict = {"plan": asdict(plan)}
     if device.type == "cpu":
-        out["cpu_native_bf16"] = native_bf16(device)
+        out["cpu_native_bf16"] = native_bf16(device.type)
     out["throughput"] = {}
     for name in MODELS:
         log(f"infer/throughput {name} ...")

@@ -4,8 +4,9 @@
 
 - Calibration: up to ``--slices`` preprocessed slices of every 4th training patient of the run's split
   (ED and ES frames), centre-cropped or padded to 192x192 (the histogram calibrators stack activations,
-  so they need one size). QDQ format, per-channel int8 weights, uint8 activations with ``reduce_range``
-  (the setting ONNX Runtime recommends for CPUs without VNNI).
+  so they need one size). QDQ format, per-channel int8 weights, uint8 activations; ``reduce_range`` (7-bit
+  weights, ONNX Runtime's advice for CPUs without VNNI) by default only where the CPU lacks VNNI and
+  AMX-INT8 (``--reduce-range on|off`` forces it).
 - Accuracy: both models predict every frame of the split's test patients (no TTA, no post-processing);
   the mean volume Dice over RV, MYO and LV and the share of voxels with the same label are printed.
 - Speed: the first test volume, each model ``--repeats`` times interleaved; the median is printed.
@@ -31,6 +32,7 @@ from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.nifti import load_volume
 from seg_densenet.evaluation.metrics import dice
 from seg_densenet.inference.predictor import Predictor, pad_to_min_size, preprocessor_from_record
+from seg_densenet.utils.hardware import cpu_has_int8_dot
 
 CALIBRATION_SIZE = 192
 
@@ -56,7 +58,7 @@ def calibration_slices(root: Path, patients: list[str], preprocessor, n: int) ->
     return [slices[i] for i in chosen]
 
 
-def quantize(fp32: Path, out: Path, slices: list[np.ndarray], method: str) -> float:
+def quantize(fp32: Path, out: Path, slices: list[np.ndarray], method: str, reduce_range: bool) -> float:
     """Write the int8 model to ``out``; returns the seconds it took."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -79,7 +81,7 @@ def quantize(fp32: Path, out: Path, slices: list[np.ndarray], method: str) -> fl
     # the symbolic shape inference cannot follow the crop arithmetic of the decoders; ONNX's own suffices
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     quantize_static(
-        str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+        str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, method),
     )  # fmt: skip
@@ -123,6 +125,10 @@ def main() -> None:
     parser.add_argument("--split", type=Path, required=True, help="the run's split.json")
     parser.add_argument("--calibration", default="MinMax", choices=["MinMax", "Percentile", "Entropy"])
     parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument(
+        "--reduce-range", choices=["auto", "on", "off"], default="auto",
+        help="7-bit weights; auto: on without VNNI/AMX-INT8 (ONNX Runtime's advice), off with them",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
@@ -133,8 +139,10 @@ def main() -> None:
     fp32 = cached_onnx(args.ckpt)
     int8 = fp32.with_name(f"{fp32.stem}.int8-{args.calibration}.onnx")
     slices = calibration_slices(args.data, split["train"][::4], preprocessor, args.slices)
-    seconds = quantize(fp32, int8, slices, args.calibration)
-    print(f"int8 ({args.calibration}, {len(slices)} calibration slices) in {seconds:.0f} s: {int8} "
+    reduce_range = {"on": True, "off": False}.get(args.reduce_range, not cpu_has_int8_dot())
+    int8 = int8.with_name(int8.name.replace(".onnx", "-rr.onnx") if reduce_range else int8.name)
+    seconds = quantize(fp32, int8, slices, args.calibration, reduce_range)
+    print(f"int8 ({args.calibration}, reduce_range={reduce_range}, {len(slices)} calibration slices) in {seconds:.0f} s: {int8} "
           f"{int8.stat().st_size // 1024} KiB; fp32 {fp32.stat().st_size // 1024} KiB")  # fmt: skip
     threads = torch.get_num_threads()
     min_size = getattr(model, "min_size", 1)

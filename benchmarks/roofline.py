@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from seg_densenet.utils.hardware import native_bf16
+
 
 @dataclass(frozen=True)
 class CeilingPlan:
@@ -37,13 +39,6 @@ CEILING_PLANS = {
     "quick": CeilingPlan(batch=1, channels=32, size=16, warmup=1, repeats=1),
     "cuda": CeilingPlan(batch=32, channels=256, size=56, warmup=5, repeats=20),
 }
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 convolutions natively (a CPU without it emulates them, far slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _sync(device: torch.device) -> None:
@@ -88,7 +83,7 @@ def measure(device: torch.device, plan_key: str) -> dict:
     """The ceiling of ``device``: fp32, and bf16 where native (else the reason it is not measured)."""
     plan = CEILING_PLANS[plan_key]
     out = {"fp32": conv_ceiling(device, plan)}
-    if native_bf16(device):
+    if native_bf16(device.type):
         out["bf16"] = conv_ceiling(device, plan, torch.bfloat16)
     else:
         where = "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)"

@@ -8,6 +8,9 @@ Groups, each interleaved in one process run:
   Unet(densenet121), ``(B, 1, S, S)``, 4 classes; smp and memory-efficient DenseUNet also channels-last.
 * ``fc_densenet``: FC-DenseNet56 and FC-DenseNet103, same input. A step of these takes one to two
   minutes on two CPU cores, so by default each runs a single cold step (their goal is a memory ratio).
+* ``recipe``: the model, batch and crop of ``experiment=acdc_recipe_cpu`` (composed from ``conf/``), in
+  fp32 and under bf16 autocast, each NCHW and channels-last: the fast paths of the real-heart recipe's
+  training step (issue 16, point 4). bf16 runs only where the CPU has native bf16 (or on CUDA).
 """
 
 from __future__ import annotations
@@ -19,15 +22,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import nn
 
 from benchmarks.measure import SkipCheck, interleave, summaries
 from benchmarks.roofline import per_item, training_gflop
+from seg_densenet.config import CONFIG_DIR
 from seg_densenet.models import build_model
 from seg_densenet.models.shared_storage import per_layer_concatenation
+from seg_densenet.utils.hardware import native_bf16
 
 PER_LAYER = " (per-layer concatenation)"  # suffix of configurations run without shared storage
 CHANNELS_LAST = ", channels_last"  # suffix of configurations whose model and input are NHWC
+BF16 = ", bf16 autocast"  # suffix (before CHANNELS_LAST) of configurations whose forward and loss run under bf16 autocast
+RECIPE = "acdc_recipe_cpu"  # the experiment whose training step the recipe group measures
 
 
 @dataclass(frozen=True)
@@ -43,11 +53,14 @@ class TrainPlan:
     fc_warmup: int = 0
     fc_repeats: int = 1
     max_call_s: float = 150.0
+    recipe_batch_size: tuple[int, int] | None = (
+        None  # (batch, size) for the recipe group; None: the recipe's own
+    )
 
 
 PLANS = {
     "full": TrainPlan(),
-    "quick": TrainPlan(batch=2, size=32, warmup=0, repeats=1, fc_batch=2),
+    "quick": TrainPlan(batch=2, size=32, warmup=0, repeats=1, fc_batch=2, recipe_batch_size=(2, 32)),
     "cuda": TrainPlan(warmup=3, repeats=10, fc_warmup=3, fc_repeats=10),
 }
 
@@ -66,15 +79,20 @@ def training_step(
     y: torch.Tensor,
     memory_efficient: bool,
     per_layer: bool = False,
+    bf16: bool = False,
 ) -> Callable[[], None]:
     """A call running one SGD step of ``model`` on ``x`` (B, C, H, W) with targets ``y`` (class ids);
-    ``per_layer``: dense blocks concatenate for every layer instead of using shared storage."""
+    ``per_layer``: dense blocks concatenate for every layer instead of using shared storage; ``bf16``:
+    forward and loss under bf16 autocast (as Lightning's ``bf16-mixed``), the backward outside it."""
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step() -> None:
         set_memory_efficient(model, memory_efficient)
         optimizer.zero_grad(set_to_none=True)
         with per_layer_concatenation() if per_layer else contextlib.nullcontext():
-            nn.functional.cross_entropy(model(x), y).backward()
+            with autocast:
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
         optimizer.step()
 
     return step
@@ -107,11 +125,11 @@ def run_group(
     for name, (model, memory_efficient) in models.items():
         if id(model) not in optimizers:
             optimizers[id(model)] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        per_layer = name.endswith(PER_LAYER)
+        per_layer, bf16 = name.endswith(PER_LAYER), BF16 in name
         layout = torch.channels_last if name.endswith(CHANNELS_LAST) else torch.contiguous_format
         small, full = (t.contiguous(memory_format=layout) for t in (x_small, x))
-        training_step(model, optimizers[id(model)], small, y_small, memory_efficient, per_layer)()
-        steps[name] = training_step(model, optimizers[id(model)], full, y, memory_efficient, per_layer)
+        training_step(model, optimizers[id(model)], small, y_small, memory_efficient, per_layer, bf16)()
+        steps[name] = training_step(model, optimizers[id(model)], full, y, memory_efficient, per_layer, bf16)
     # counted once per architecture: a model listed under several configurations, or its NHWC copy
     # (same modules, same FLOPs), is not counted again
     distinct = {repr(m): m for m, _ in models.values()}
@@ -197,12 +215,38 @@ def fc_densenet_group(plan: TrainPlan, device: torch.device) -> dict:
     return run_group(models, x, y, device, plan.fc_warmup, plan.fc_repeats, plan.max_call_s)
 
 
+def recipe_setting(batch_size: tuple[int, int] | None = None) -> tuple[DictConfig, int, list[int]]:
+    """The model node, batch size and crop of :data:`RECIPE`, composed from ``conf/`` as ``train`` would;
+    ``batch_size`` (batch, square size) replaces its batch and crop (the smoke test's tiny sizes)."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=[f"experiment={RECIPE}"])
+    if batch_size is not None:
+        return cfg.model, batch_size[0], [batch_size[1]] * 2
+    return cfg.model, int(cfg.data.batch_size), [int(c) for c in cfg.data.crop_size]
+
+
+def recipe_group(plan: TrainPlan, device: torch.device) -> dict:
+    """The real-heart recipe's model at its batch and crop: fp32 and (with native bf16) bf16 autocast,
+    each NCHW and channels-last; one optimizer per layout, as two runs would have."""
+    node, batch, crop = recipe_setting(plan.recipe_batch_size)
+    torch.manual_seed(0)
+    model = instantiate(node).to(device).train()
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, int(node.in_channels), *crop, device=device)
+    y = torch.randint(0, int(node.num_classes), (batch, *crop), device=device)
+    models = {"recipe fp32": (model, False), "recipe fp32" + CHANNELS_LAST: (nhwc, False)}
+    if native_bf16(device.type):
+        models |= {"recipe" + BF16: (model, False), "recipe" + BF16 + CHANNELS_LAST: (nhwc, False)}
+    return run_group(models, x, y, device, plan.warmup, plan.repeats, plan.max_call_s)
+
+
 def run(plan: TrainPlan, device: torch.device, log: Callable[[str], None] = print) -> dict:
     out = {"plan": asdict(plan)}
     for name, group in (
         ("densenet121", densenet121_group),
         ("segmentation", segmentation_group),
         ("fc_densenet", fc_densenet_group),
+        ("recipe", recipe_group),
     ):
         log(f"train/{name} ...")
         out[name] = group(plan, device)

@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not of the installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks.goals import goals  # noqa: E402
+from benchmarks.goals import fast_paths, goals  # noqa: E402
 from benchmarks.measure import MemoryMeter, interleave  # noqa: E402
 from benchmarks.report import write_docs  # noqa: E402
+from seg_densenet.utils.hardware import cpu_has_int8_dot, native_bf16  # noqa: E402
 
 GOAL_IDS = {
     "densenet_speed",
@@ -26,6 +27,7 @@ GOAL_IDS = {
     "fc103_memory",
     "fc56_volume",
     "dense_unet_volume",
+    "recipe_volume",
     "ceiling_share",
     "dense_unet_vs_smp_latency",
     "data_vs_training",
@@ -218,6 +220,19 @@ def test_ceiling_and_smp_goals():
     assert (
         "0.35 s needs 243 GFLOP/s, fp32 ceiling 400 GFLOP/s (61% of it)" in rows["dense_unet_volume"]["note"]
     )
+    # a faster bf16 volume: it counts for the latency goal and as a fast path, not against fp32's ceiling
+    volume["DenseUNet bf16 channels_last"] = {
+        **volume["DenseUNet onnxruntime"],
+        **_config(50.0, 1.0, batch=10),
+    }
+    rows = {g["id"]: g for g in goals(results)}
+    assert "DenseUNet 85% (DenseUNet onnxruntime)" in rows["ceiling_share"]["measured"]
+    assert rows["dense_unet_volume"]["measured"] == "0.25 s onnxruntime, 0.20 s bf16 channels_last"
+    (bf16,) = [r for r in fast_paths(results) if r["path"].startswith("bf16 channels_last")]
+    assert (
+        bf16["measured"] == "1.25x faster than fp32's fastest (onnxruntime)"
+        and bf16["verdict"] == "justified"
+    )
     results["suites"]["infer"]["ceiling"]["fp32"]["gflop_per_s"] = 200.0
     note = next(g for g in goals(results) if g["id"] == "dense_unet_volume")["note"]
     assert "the physics forbids it on this machine (at 100% of the ceiling 0.42 s)" in note
@@ -253,7 +268,11 @@ def test_quick_run_writes_every_suite_to_the_results_file(quick_run):
     assert len(results["load_average"]["before"]) == 3 and len(results["load_average"]["after"]) == 3
     suites = results["suites"]
     assert set(suites) == {"train", "infer", "data", "scaling"}
-    configs = [c for g in ("densenet121", "segmentation", "fc_densenet") for c in suites["train"][g].values()]
+    configs = [
+        c
+        for g in ("densenet121", "segmentation", "fc_densenet", "recipe")
+        for c in suites["train"][g].values()
+    ]
     configs += list(suites["data"]["loaders"].values()) + list(suites["scaling"]["dense_block"].values())
     for c in configs:
         assert c["status"] == "ok", c
@@ -266,8 +285,14 @@ def test_quick_run_writes_every_suite_to_the_results_file(quick_run):
             "skipped",
         )
     train_rows = [
-        c for g in ("densenet121", "segmentation", "fc_densenet") for c in suites["train"][g].values()
+        c
+        for g in ("densenet121", "segmentation", "fc_densenet", "recipe")
+        for c in suites["train"][g].values()
     ]
+    # the recipe's step in both layouts, and under bf16 autocast exactly where the hardware has bf16
+    recipe = suites["train"]["recipe"]
+    assert {"recipe fp32", "recipe fp32, channels_last"} <= set(recipe)
+    assert ("recipe, bf16 autocast, channels_last" in recipe) == native_bf16("cpu")
     assert all(c["gflop_per_item"] > 0 for c in train_rows)
     assert all(c["gflop_per_item"] > 0 for g in suites["infer"]["throughput"].values() for c in g.values())
     assert results["machine"]["cpu_flags"] is not None
@@ -282,6 +307,7 @@ def test_quick_run_writes_every_suite_to_the_results_file(quick_run):
     assert {g["id"] for g in results["goals"]} == GOAL_IDS
     assert all(g["met"] is None for g in results["goals"])  # tiny sizes: no verdicts
     assert any(r["path"] == "channels_last" for r in results["fast_paths"])
+    assert any(r["path"] == "channels_last" and "recipe" in r["where"] for r in results["fast_paths"])
 
 
 @pytest.mark.slow
@@ -328,3 +354,21 @@ def test_interleave_stops_a_slow_configuration_after_its_memory_call():
     slow = results["slow"]
     assert len(slow.peak_bytes) == 1 and len(slow.seconds) == 1 and len(slow.cold_s) == 1
     assert slow.reason.startswith("untimed call's time kept: stopped after 2 call(s)")
+
+
+@pytest.mark.parametrize(
+    ("flags", "bf16", "int8_dot"),
+    [
+        ("avx2 fma", False, False),
+        ("avx512f avx512_vnni", False, True),
+        ("avx512_bf16 amx_bf16 amx_int8", True, True),
+    ],
+)
+def test_cpu_flags_decide_the_bf16_and_int8_paths(flags, bf16, int8_dot, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\nbugs\t\t: spectre_v1\n")
+    assert native_bf16("cpu", str(cpuinfo)) is bf16
+    assert cpu_has_int8_dot(str(cpuinfo)) is int8_dot
+    assert not native_bf16("cpu", str(tmp_path / "missing")) and not cpu_has_int8_dot(
+        str(tmp_path / "missing")
+    )
