@@ -60,6 +60,7 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
         ("task", str(record.get("task", NOT_RECORDED))),
         ("architecture", f"{model_label(model)}: {arch}"),
         ("parameters", f"{n_params:,}"),
+        *([("initial weights", str(record["init_checkpoint"]))] if record.get("init_checkpoint") else []),
         ("data", _data(data)),
         (
             "labels",

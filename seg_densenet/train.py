@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.repo_root:} resolver)
-from seg_densenet.checkpoint import safe_torch_load
+from seg_densenet.checkpoint import load_state_dict_strict, read_checkpoint, safe_torch_load
 from seg_densenet.config_checks import model_label, validate
 from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.precision import resolve_precision
@@ -126,8 +126,12 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         overrides["encoder_weights"] = encoder_weights
         log.info("encoder starts from the stage-1 classifier %s", encoder_weights)
     net = instantiate(model_cfg, **overrides)
+    init = stage_cfg.get("init_checkpoint")
+    if init:
+        _start_from_checkpoint(net, init, encoder_weights or model_cfg.get("encoder_weights"))
     record = {
         "task": "segment",
+        "init_checkpoint": str(init) if init else None,
         # the checkpoint holds the trained encoder: rebuilding for prediction must not reload weights
         "model": _container(model_cfg)
         | ({"encoder_weights": None} if "encoder_weights" in model_cfg else {}),
@@ -145,6 +149,21 @@ def _run_segmentation(cfg: DictConfig, stage_dir: Path, encoder_weights: str | N
         labels=datamodule.label_set.structures,
     )
     return _fit(cfg, stage_cfg, module, datamodule, stage_dir, {"encoder_weights": encoder_weights})
+
+
+def _start_from_checkpoint(net: torch.nn.Module, path: str, encoder_weights: str | None) -> None:
+    """Load every weight of ``net`` from the segmentation checkpoint ``path`` (fine-tuning a trained model,
+    e.g. one pretrained on the phantom, on a few labelled patients); the architecture must match exactly."""
+    if encoder_weights:
+        raise ConfigError(
+            f"task.segment.init_checkpoint={path} sets every weight, the encoder's too: it cannot be combined "
+            f"with encoder weights ({encoder_weights}); use task=segment and model.encoder_weights=null"
+        )
+    state = read_checkpoint(path)["state_dict"]
+    load_state_dict_strict(
+        net, {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}, path
+    )
+    log.info("every weight starts from %s", path)
 
 
 def _fit(

@@ -537,6 +537,37 @@ def test_unknown_task_stage_is_a_config_error(compose_cfg, tmp_path, synthetic_r
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("stage1_segment"))
 
 
+def test_init_checkpoint_starts_every_weight_from_a_trained_model(compose_cfg, tmp_path, synthetic_root):
+    from seg_densenet.errors import CheckpointError, ConfigError
+    from seg_densenet.info import describe
+
+    base = [*quick_overrides(tmp_path, synthetic_root), "task=segment", "test=false"]
+    train(compose_cfg(base, tmp_path / "first"))
+    first = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    # at a learning rate of 1e-12 only BatchNorm's running statistics move: every other weight stays the file's
+    train(
+        compose_cfg([*base, f"task.segment.init_checkpoint={first}", "optim.lr=1e-12"], tmp_path / "second")
+    )
+    before = safe_torch_load(first)["state_dict"]
+    after = safe_torch_load(tmp_path / "second" / "checkpoints" / "last.ckpt")
+    for key, value in after["state_dict"].items():
+        if key.startswith("model.") and not key.endswith(
+            ("running_mean", "running_var", "num_batches_tracked")
+        ):
+            assert torch.allclose(value, before[key], rtol=0, atol=1e-9), key
+    assert after["seg_densenet"]["init_checkpoint"] == str(first)
+    assert ("initial weights", str(first)) in describe(tmp_path / "second" / "checkpoints" / "last.ckpt")
+    # another architecture: one line naming the file; with encoder weights as well: refused
+    with pytest.raises(CheckpointError, match=f"{first}: weights do not fit DenseUNet: .*wrong-shape"):
+        train(
+            compose_cfg(
+                [*base, f"task.segment.init_checkpoint={first}", "model.growth_rate=4"], tmp_path / "b"
+            )
+        )
+    with pytest.raises(ConfigError, match="cannot be combined with encoder weights"):
+        train(compose_cfg([*base, f"task.segment.init_checkpoint={first}", f"model.encoder_weights={first}"]))
+
+
 def test_repo_root_is_the_checkout():
     assert (REPO_ROOT / "conf" / "config.yaml").is_file()
 
