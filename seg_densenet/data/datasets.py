@@ -215,15 +215,18 @@ class DiagnosisSliceDataset(Dataset):
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.augment = augment
         self.mask_free = mask_free
-        self.index = []
-        for i in range(len(self.store.entries)):
-            _, mask = self.store.arrays(i)
-            if mask_free:
-                chosen = list(range(mask.shape[0]))
-            else:
-                chosen = [z for z in range(mask.shape[0]) if np.any(np.asarray(mask[z]) == lv_label)]
-            cut = len(chosen) // 4
-            self.index.extend((i, z) for z in chosen[cut : len(chosen) - cut])
+        self.lv_label = lv_label
+        self.index = [(i, z) for i in range(len(self.store.entries)) for z in self._slices(i)]
+
+    def _slices(self, i: int) -> list[int]:
+        """The slices of entry ``i`` that are used: the middle half of those with LV cavity (of all, mask-free)."""
+        _, mask = self.store.arrays(i)
+        if self.mask_free:
+            chosen = list(range(mask.shape[0]))
+        else:
+            chosen = [z for z in range(mask.shape[0]) if np.any(np.asarray(mask[z]) == self.lv_label)]
+        cut = len(chosen) // 4
+        return chosen[cut : len(chosen) - cut]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -244,7 +247,8 @@ class DiagnosisSliceDataset(Dataset):
         }
 
 
-PHASE_POSITIONS = tuple(f"{phase}_{third}" for phase in ("ED", "ES") for third in ("top", "middle", "bottom"))
+PHASES = ("ED", "ES")  # the labelled frames of an ACDC patient
+PHASE_POSITIONS = tuple(f"{phase}_{third}" for phase in PHASES for third in ("top", "middle", "bottom"))
 """The ``phase_position`` classes: the frame's phase, and the third of its stack the slice lies in."""
 
 
@@ -261,16 +265,15 @@ class PhasePositionSliceDataset(DiagnosisSliceDataset):
         crop_size: Sequence[int] | None = None,
         augment: Callable | None = None,
     ):
-        phases = ("ED", "ES")
-        entries = [e for e in entries if e.name.rpartition("_")[2] in phases]
-        labels = [phases.index(e.name.rpartition("_")[2]) for e in entries]
+        entries = [e for e in entries if e.name.rpartition("_")[2] in PHASES]
+        labels = [PHASES.index(e.name.rpartition("_")[2]) for e in entries]
         super().__init__(entries, labels, crop_size, augment, mask_free=True)
-        self.index, self.slice_labels = [], []
-        for i in range(len(self.store.entries)):
-            n = self.store.arrays(i)[0].shape[0]
-            for z in range(n):
-                self.index.append((i, z))
-                self.slice_labels.append(3 * self.labels[i] + min(2, 3 * z // n))
+        self.slice_labels = [
+            3 * self.labels[i] + min(2, 3 * z // self.store.arrays(i)[0].shape[0]) for i, z in self.index
+        ]
+
+    def _slices(self, i: int) -> list[int]:
+        return list(range(self.store.arrays(i)[0].shape[0]))  # every slice: the position is the label
 
     def __getitem__(self, k: int) -> dict:
         item = super().__getitem__(k)
