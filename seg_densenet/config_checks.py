@@ -323,7 +323,7 @@ RULES: dict[str, list[Rule]] = {
         *_PREDICTION,
         rule("mc_samples", int_at_least(0)),
         rule("save_probs", BOOLEAN),
-        rule("precision", one_of("32", "bf16", "16")),
+        rule("precision", one_of("32", "bf16", "16", "auto")),
         rule("memory_budget_mb", number_above(0), nullable=True),
         rule("cine", BOOLEAN),
         rule("backend", one_of("torch", "onnxruntime", "auto")),

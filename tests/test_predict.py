@@ -548,3 +548,15 @@ def test_largest_connected_component_inside_the_heart_beats_a_larger_far_island(
     alone[2:4, 2:4, 1] = 3
     kept = largest_connected_components(alone)
     assert (kept[28:36, 28:36, 2:4] == 1).all() and (kept[2:4, 2:4, 1] == 3).all()
+
+
+def test_precision_auto_is_bf16_where_the_hardware_runs_it_and_keeps_that_on_torch(trained_ckpt):
+    from seg_densenet.backends import OnnxRuntimeModel
+    from seg_densenet.inference.predictor import build_predictor
+    from seg_densenet.utils.hardware import native_bf16
+
+    predictor, _ = build_predictor(trained_ckpt, device="cpu", backend="auto", precision="auto")
+    bf16 = native_bf16("cpu")
+    assert predictor.autocast_dtype == (torch.bfloat16 if bf16 else None)
+    # bf16 runs in torch; fp32 on a CPU goes to ONNX Runtime under backend=auto
+    assert isinstance(predictor.model, OnnxRuntimeModel) is not bf16

@@ -26,6 +26,7 @@ from seg_densenet.inference.ensemble import Ensemble, check_members
 from seg_densenet.inference.geometry import permute_axes, slice_axis
 from seg_densenet.inference.postprocess import largest_connected_components
 from seg_densenet.inference.tta import IDENTITY, Dihedral, select_tta
+from seg_densenet.utils.hardware import native_bf16
 
 log = logging.getLogger("seg_densenet.predict")
 
@@ -382,6 +383,8 @@ def build_predictor(
     tta: false | true | d4 (see :func:`select_tta`), limited to what the checkpoint was trained with
     (every member, for an ensemble).
     backend: torch | onnxruntime | auto (:mod:`seg_densenet.backends`).
+    precision (in ``options``): 32 | bf16 | 16 | auto (bf16 where the CPU or GPU runs it natively, else 32;
+    resolved before the backend, so ``backend=auto`` then keeps such machines on torch).
     """
     from seg_densenet.backends import OnnxRuntimeModel, cached_onnx, resolve_backend
 
@@ -394,6 +397,8 @@ def build_predictor(
             raise SegDenseNetError(f"{path}: a {record.get('task')} checkpoint, not a segmentation model")
     check_members(paths, records)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if str(options.get("precision")) == "auto":  # bf16 where the hardware runs it (parity: docs/results.md)
+        options["precision"] = "bf16" if native_bf16(torch.device(device).type) else "32"
     backend = resolve_backend(
         backend, device, str(options.get("precision", "32")), options.get("mc_samples", 0)
     )
