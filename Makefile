@@ -22,30 +22,39 @@ train: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/ruff check seg_densenet tests benchmarks
-	$(BIN)/ruff format --check seg_densenet tests benchmarks
+	$(BIN)/ruff check seg_densenet tests benchmarks scripts
+	$(BIN)/ruff format --check seg_densenet tests benchmarks scripts
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check seg_densenet tests benchmarks
-	$(BIN)/ruff format --check seg_densenet tests benchmarks
+	$(BIN)/ruff check seg_densenet tests benchmarks scripts
+	$(BIN)/ruff format --check seg_densenet tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) outputs multirun
 
-# The GPU check (benchmarks/gpu_check.sh) runs on a lent CUDA machine with its own Python 3.12, torch and
-# Lightning: these are the packages it lacks, as Python 3.12 wheels at the versions installed here.
-GPU_PACKAGES := hydra[-_]core|omegaconf|albumentations|albucore|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|stringzilla|simsimd|segmentation[-_]models[-_]pytorch|nibabel
-PLATFORMS := $(foreach n,2_28 2_27 2_17 2_5,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+# Offline installs (issue 16): every wheel seg-densenet needs, test tools included, for a target Python and
+# platform, in wheelhouse/; there: pip install --no-index --find-links wheelhouse 'seg-densenet[dev]'.
+# WHEELHOUSE_ARGS=--no-torch leaves out PyTorch and its CUDA libraries (several GB) for machines with their own.
+TARGET_PYTHON ?= 3.12
+WHEELHOUSE_ARGS ?=
 
 wheelhouse: $(STAMP)
-	grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
-	rm -rf .whl
-	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(PLATFORMS) \
-		-d .whl $$($(BIN)/pip freeze | grep -iE '^($(GPU_PACKAGES))==')
-	$(BIN)/pip download --quiet --no-deps --no-binary=:all: -d .whl $$($(BIN)/pip freeze | grep -iE "^antlr4[-_]python3[-_]runtime==")
-	du -sh .whl
+	grep -qx '/wheelhouse/' .git/info/exclude || echo '/wheelhouse/' >> .git/info/exclude
+	rm -rf wheelhouse
+	$(BIN)/python scripts/wheelhouse.py --out wheelhouse --python $(TARGET_PYTHON) --extras export dev $(WHEELHOUSE_ARGS)
+	du -sh wheelhouse
 
-gpu-bundle: wheelhouse
+# The GPU check (scripts/gpu_check.sh) on the lent CUDA machine, which has its own Python 3.12, torch and
+# Lightning: .whl/ holds the packages it lacks (within the 64 MiB a device run may carry), .gpu_data/ the
+# lent ACDC copy packed to 8-bit levels.
+GPU_PACKAGES := hydra-core omegaconf antlr4-python3-runtime albumentations albucore pydantic pydantic-core \
+	annotated-types typing-inspection stringzilla simsimd segmentation-models-pytorch nibabel pytest pluggy iniconfig
+
+gpu-bundle: $(STAMP)
+	grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
 	grep -qx '/.gpu_data/' .git/info/exclude || echo '/.gpu_data/' >> .git/info/exclude
+	rm -rf .whl
+	$(BIN)/python scripts/wheelhouse.py --out .whl --python 3.12 --extras export dev --only $(GPU_PACKAGES)
 	$(BIN)/python -m benchmarks.gpu_bundle
+	du -sh .whl .gpu_data

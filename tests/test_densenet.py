@@ -20,6 +20,9 @@ from seg_densenet.models.densenet import (
     densenet_bc,
 )
 
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")]
+"""Marks of a test's CUDA case: ``pytest -m cuda`` (scripts/gpu_check.sh) selects them."""
+
 
 def _num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -192,17 +195,19 @@ def test_unknown_memory_efficient_mode_is_refused_when_built_or_set():
     assert model.memory_efficient is False
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("mode", [True, "checkpoint"])
-def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats(mode):
+def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats(mode, device):
     torch.manual_seed(0)
-    plain = _small(drop_rate=0.0)
-    efficient = _small(memory_efficient=mode)
+    plain = _small(drop_rate=0.0).to(device)
+    efficient = _small(memory_efficient=mode).to(device)
     assert efficient.memory_efficient == mode
     efficient.load_state_dict(plain.state_dict())
-    x = torch.randn(3, 3, 32, 32)
+    x = torch.randn(3, 3, 32, 32, device=device)
     grads_plain, grads_efficient = _train_step(plain, x), _train_step(efficient, x)
+    tol = 1e-5 if device == "cpu" else 1e-3  # cuDNN convolutions may run in TF32
     for name in grads_plain:
-        torch.testing.assert_close(grads_efficient[name], grads_plain[name], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(grads_efficient[name], grads_plain[name], atol=tol, rtol=tol, msg=name)
     # BN running statistics move once per step (a recomputing checkpoint would move them twice).
     for (name, a), b in zip(efficient.state_dict().items(), plain.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
@@ -212,7 +217,7 @@ def test_memory_efficient_matches_plain_outputs_gradients_and_running_stats(mode
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+    ["cpu", pytest.param("cuda", marks=CUDA)],
 )
 def test_memory_efficient_matches_plain_under_bf16_autocast(device):
     """Memory-efficient mode under bf16 autocast (``trainer=gpu`` uses bf16-mixed), where it recomputes
