@@ -34,7 +34,7 @@ clean:
 	rm -rf $(VENV) outputs multirun
 
 # Offline installs (issue 16): every wheel seg-densenet needs, test tools included, for a target Python and
-# platform, in wheelhouse/; there: pip install --no-index --find-links wheelhouse 'seg-densenet[dev]'.
+# platform, in wheelhouse/; there, in the checkout: pip install --no-index --find-links wheelhouse -e '.[dev]'.
 # WHEELHOUSE_ARGS=--no-torch leaves out PyTorch and its CUDA libraries (several GB) for machines with their own.
 TARGET_PYTHON ?= 3.12
 WHEELHOUSE_ARGS ?=

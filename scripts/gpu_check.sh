@@ -15,7 +15,7 @@
 #
 # Packages: a machine without this project's dependencies installs them offline first, from
 #   wheelhouse/ (make wheelhouse: every wheel, `pip install --no-index --find-links wheelhouse
-#   'seg-densenet[dev]'` there), or .whl/ (make gpu-bundle: the few packages the lent GPU machine lacks,
+#   -e '.[dev]'` there), or .whl/ (make gpu-bundle: the few packages the lent GPU machine lacks,
 #   unpacked into /tmp/site beside its own torch). Data: DATA_DIR, else .gpu_data/acdc/training (the
 #   lent copy packed by make gpu-bundle), else ../shared/data/acdc/training.
 # On the lent device: carry [".whl", ".gpu_data"], timeout_s = 60 * (MINUTES + 4).
@@ -44,7 +44,7 @@ else
 fi
 install=${GPU_CHECK_INSTALL:-1}   # 0: use the packages as installed
 if [ "$install" = 1 ] && [ -d wheelhouse ] && ! $python -c "import seg_densenet, hydra, albumentations, pytest" 2>/dev/null; then
-    $python -m pip install -q --no-index --find-links wheelhouse 'seg-densenet[dev]' || exit 2
+    $python -m pip install -q --no-index --find-links wheelhouse -e '.[dev]' || exit 2
 elif [ "$install" = 1 ] && [ -d .whl ]; then
     $python -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/* || exit 2

@@ -3,9 +3,10 @@
     python scripts/wheelhouse.py --out wheelhouse [--python 3.12] [--platform manylinux_2_28_x86_64 ...]
         [--extras export] [--no-torch] [--only NAME ...] [--dry-run]
 
-Then, on the offline machine (same Python and platform), from the folder alone:
+Then, on the offline machine (same Python and platform), in the copied checkout (an editable install,
+as ``make install``: the Hydra configs are read from ``conf/``):
 
-    pip install --no-index --find-links wheelhouse 'seg-densenet[export]'
+    pip install --no-index --find-links wheelhouse -e '.[dev]'
 
 - The packages are the dependency closure of ``seg-densenet[extras]`` as installed here (names and exact
   versions from this environment, so the offline machine gets the versions the test suite passed
@@ -45,34 +46,41 @@ TORCH_STACK = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-
 
 
 def closure(extras: list[str], python: str) -> dict[str, str]:
-    """``{name: version}`` of the installed distributions ``seg-densenet[extras]`` needs, transitively,
-    with environment markers evaluated for ``python`` (e.g. ``3.12``). The project itself is not listed."""
+    """``{name: version}`` of the installed distributions ``seg-densenet[extras]`` needs, transitively and
+    with the extras each requirement asks for (``fsspec[http]``), environment markers evaluated for
+    ``python`` (e.g. ``3.12``). The project itself is not listed."""
     env = default_environment() | {"python_version": python, "python_full_version": f"{python}.0"}
     found: dict[str, str] = {}
-    todo = [(PROJECT, tuple(extras))]
+    seen: set[tuple[str, str]] = set()
+    todo = [(PROJECT, extra) for extra in ("", *extras)]
     while todo:
-        name, wanted = todo.pop()
-        dist = metadata.distribution(name)
+        name, extra = todo.pop()
+        key = canonicalize_name(name)
+        if (key, extra) in seen:
+            continue
+        seen.add((key, extra))
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            raise SystemExit(f"{name}: needed but not installed here; run `make install` first") from None
+        if key != canonicalize_name(PROJECT):
+            found[key] = dist.version
         for text in dist.requires or []:
             req = Requirement(text)
-            if req.marker is not None and not any(
-                req.marker.evaluate(env | {"extra": e}) for e in ("", *wanted)
-            ):
+            if req.marker is not None and not req.marker.evaluate(env | {"extra": extra}):
                 continue
-            key = canonicalize_name(req.name)
-            if key == canonicalize_name(PROJECT):  # the dev extra names the project's own extras
-                todo.append((PROJECT, tuple(req.extras)))
-                continue
-            if key in found:
-                continue
-            try:
-                found[key] = metadata.version(req.name)
-            except metadata.PackageNotFoundError:
-                raise SystemExit(
-                    f"{req.name}: needed by {name} but not installed here; run `make install` first"
-                ) from None
-            todo.append((req.name, tuple(req.extras)))
+            if req.marker is None and extra:
+                continue  # a base requirement: reached through the "" pass already
+            todo += [(req.name, e) for e in ("", *req.extras)]
     return found
+
+
+def build_requirements() -> list[str]:
+    """The project's ``[build-system] requires`` (setuptools, wheel): an editable install from the checkout
+    (``pip install -e``) builds the project, offline too."""
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
 
 
 def public_version(version: str) -> str:
@@ -131,11 +139,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}=={public_version(version)}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.only is None:  # the project's own wheel
+    if args.only is None:  # the project's own wheel, and what building it from the checkout needs
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(args.out), str(REPO)],
             check=True,
         )
+        for spec in build_requirements():
+            download = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+            ]
+            subprocess.run([*download, "-d", str(args.out), spec], check=True)
+            print(f"{spec}: build requirement, binary wheel", flush=True)
     for name, version in sorted(packages.items()):
         print(
             f"{name}=={public_version(version)}: {fetch(name, version, args.out, args.python, platforms)}",

@@ -62,6 +62,7 @@ def test_wheelhouse_plan_holds_the_closure_and_leaves_torch_out_on_request():
                  "onnxruntime", "pytest", "pytorch-lightning"):  # fmt: skip
         assert name in everything, name
     assert "seg-densenet" not in everything  # built from the checkout instead
+    assert "aiohttp" in everything  # an extra a requirement asks for: pytorch-lightning needs fsspec[http]
     without = plan("--extras", "export", "--no-torch")
     assert "torch" not in without and "torchvision" not in without and "nibabel" in without
     assert not any(name.startswith("nvidia-") for name in without)
