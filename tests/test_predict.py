@@ -513,6 +513,7 @@ def test_onnxruntime_backend_matches_torch_and_caches_its_export(trained_ckpt, s
             postprocess=None,
             save_probs=True,
             device="cpu",
+            precision="32",  # auto would be bf16 on a CPU with AMX, which backend=auto keeps on torch
             backend=backend,
         )
         outputs[backend] = (
@@ -550,13 +551,19 @@ def test_largest_connected_component_inside_the_heart_beats_a_larger_far_island(
     assert (kept[28:36, 28:36, 2:4] == 1).all() and (kept[2:4, 2:4, 1] == 3).all()
 
 
-def test_precision_auto_is_bf16_where_the_hardware_runs_it_and_keeps_that_on_torch(trained_ckpt):
+@pytest.mark.parametrize("isa_cap", [None, "AVX2"])
+def test_precision_auto_is_bf16_where_the_hardware_runs_it_and_keeps_that_on_torch(
+    trained_ckpt, isa_cap, monkeypatch
+):
     from seg_densenet.backends import OnnxRuntimeModel
     from seg_densenet.inference.predictor import build_predictor
     from seg_densenet.utils.hardware import native_bf16
 
-    predictor, _ = build_predictor(trained_ckpt, device="cpu", backend="auto", precision="auto")
+    if isa_cap:  # oneDNN capped below bf16, as on a CPU without it: the fp32 path
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+    predictor, _ = build_predictor(trained_ckpt, device="cpu")  # the defaults: precision and backend auto
     bf16 = native_bf16("cpu")
+    assert not (isa_cap and bf16)
     assert predictor.autocast_dtype == (torch.bfloat16 if bf16 else None)
     # bf16 runs in torch; fp32 on a CPU goes to ONNX Runtime under backend=auto
     assert isinstance(predictor.model, OnnxRuntimeModel) is not bf16

@@ -372,7 +372,8 @@ def build_predictor(
     *,
     device: str = "auto",
     tta: bool | str = False,
-    backend: str = "torch",
+    backend: str = "auto",
+    precision: str = "auto",
     **options,
 ) -> tuple[Predictor, dict]:
     """The :class:`Predictor` of a segmentation checkpoint (its network and training preprocessing)
@@ -383,8 +384,10 @@ def build_predictor(
     tta: false | true | d4 (see :func:`select_tta`), limited to what the checkpoint was trained with
     (every member, for an ensemble).
     backend: torch | onnxruntime | auto (:mod:`seg_densenet.backends`).
-    precision (in ``options``): 32 | bf16 | 16 | auto (bf16 where the CPU or GPU runs it natively, else 32;
-    resolved before the backend, so ``backend=auto`` then keeps such machines on torch).
+    precision: 32 | bf16 | 16 | auto (bf16 where the CPU or GPU runs it natively, else 32; resolved before
+    the backend, so ``backend=auto`` keeps such machines on torch). The defaults, auto and auto, give
+    the fastest path measured: bf16 channels_last on AMX CPUs, ONNX Runtime fp32 on other CPUs
+    (docs/benchmarks.md), at the same Dice (docs/results.md).
     """
     from seg_densenet.backends import OnnxRuntimeModel, cached_onnx, resolve_backend
 
@@ -397,11 +400,9 @@ def build_predictor(
             raise SegDenseNetError(f"{path}: a {record.get('task')} checkpoint, not a segmentation model")
     check_members(paths, records)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if str(options.get("precision")) == "auto":  # bf16 where the hardware runs it (parity: docs/results.md)
-        options["precision"] = "bf16" if native_bf16(torch.device(device).type) else "32"
-    backend = resolve_backend(
-        backend, device, str(options.get("precision", "32")), options.get("mc_samples", 0)
-    )
+    if str(precision) == "auto":  # bf16 where the hardware runs it (parity: docs/results.md)
+        precision = "bf16" if native_bf16(torch.device(device).type) else "32"
+    backend = resolve_backend(backend, device, str(precision), options.get("mc_samples", 0))
     if backend == "onnxruntime":
         models = [
             OnnxRuntimeModel(
@@ -420,6 +421,7 @@ def build_predictor(
             tta, *((record.get("data") or {}).get("augmentation") for record in records)
         ),
         heart_size=records[0].get("heart_size"),
+        precision=str(precision),
         **options,
     )
     record = records[0] if len(paths) == 1 else {**records[0], "ensemble": [str(path) for path in paths]}
