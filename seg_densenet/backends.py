@@ -40,7 +40,12 @@ class OnnxRuntimeModel(nn.Module):
         self.min_size = min_size
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.session.run(None, {"image": x.detach().float().contiguous().cpu().numpy()})[0]
+        try:
+            out = self.session.run(None, {"image": x.detach().float().contiguous().cpu().numpy()})[0]
+        except Exception as err:  # ONNX Runtime's own error types: one for every failure
+            if "allocate memory" in str(err):  # as PyTorch's, so the predictor's batch-size hint applies
+                raise torch.OutOfMemoryError(f"ONNX Runtime ran out of memory: {err}") from err
+            raise
         return torch.from_numpy(out)
 
 
@@ -71,15 +76,18 @@ def cached_onnx(ckpt: str | Path) -> Path:
     raise StorageError(f"{ckpt}: no writable folder for its ONNX export; use backend=torch")
 
 
-def resolve_backend(backend: str, device: str, precision: str, mc_samples: int) -> str:
+def resolve_backend(
+    backend: str, device: str, precision: str, mc_samples: int, memory_budget_mb: float | None = None
+) -> str:
     """``torch`` or ``onnxruntime`` for the request; ``auto`` takes onnxruntime on a CPU in fp32 without
-    MC dropout when it is installed."""
+    MC dropout when it is installed, and not under a memory budget (the budget's slices per pass are
+    measured for PyTorch's allocator; ONNX Runtime's arena needs more and keeps it)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend}: valid values are {', '.join(BACKENDS)}")
     eligible = device == "cpu" and str(precision) == "32" and not mc_samples
     installed = importlib.util.find_spec("onnxruntime") is not None
     if backend == "auto":
-        return "onnxruntime" if eligible and installed else "torch"
+        return "onnxruntime" if eligible and installed and not memory_budget_mb else "torch"
     if backend == "onnxruntime" and not eligible:
         raise ConfigError(
             f"backend=onnxruntime runs on the CPU in fp32 without MC dropout; got device={device}, "

@@ -71,9 +71,8 @@ def number_in(low: float, high: float, *, high_open: bool = False) -> tuple[Chec
 
 
 def one_of(*values: Any) -> tuple[Check, str]:
-    shown = ", ".join(
-        "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in values
-    )
+    texts = ("null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+    shown = ", ".join(dict.fromkeys(texts))  # 32 and "32" read the same: shown once
     return (lambda v: any(v == x and type(v) is type(x) for x in values)), f"one of {shown}"
 
 
@@ -323,7 +322,7 @@ RULES: dict[str, list[Rule]] = {
         *_PREDICTION,
         rule("mc_samples", int_at_least(0)),
         rule("save_probs", BOOLEAN),
-        rule("precision", one_of("32", "bf16", "16", "auto")),
+        rule("precision", one_of("32", 32, "bf16", "16", 16, "auto")),  # precision=32 reaches Hydra as an int
         rule("memory_budget_mb", number_above(0), nullable=True),
         rule("cine", BOOLEAN),
         rule("backend", one_of("torch", "onnxruntime", "auto")),

@@ -402,7 +402,9 @@ def build_predictor(
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if str(precision) == "auto":  # bf16 where the hardware runs it (parity: docs/results.md)
         precision = "bf16" if native_bf16(torch.device(device).type) else "32"
-    backend = resolve_backend(backend, device, str(precision), options.get("mc_samples", 0))
+    backend = resolve_backend(
+        backend, device, str(precision), options.get("mc_samples", 0), options.get("memory_budget_mb")
+    )
     if backend == "onnxruntime":
         models = [
             OnnxRuntimeModel(
