@@ -57,10 +57,11 @@ def load_volume(path: str | Path, *, label: bool = False, allow_4d: bool = False
         raw = np.asanyarray(img.dataobj)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
-    except nib.filebasedimages.ImageFileError as exc:
+    except (FileNotFoundError, nib.filebasedimages.ImageFileError) as exc:
+        # removed between the check above and the read: nibabel then raises either
+        if isinstance(exc, FileNotFoundError) or not path.is_file():
+            raise DataError(f"{path}: file not found (removed while it was being read)") from exc
         raise DataError(f"{path}: not a NIfTI file ({_first_line(exc)})") from exc
-    except FileNotFoundError as exc:  # removed between the check above and the read
-        raise DataError(f"{path}: file not found (removed while it was being read)") from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read NIfTI data ({_first_line(exc)})") from exc
     if raw.ndim == 4 and raw.shape[3] == 1:
