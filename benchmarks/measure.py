@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from seg_densenet.utils import hardware
+
 GB = 1e9
 
 
@@ -294,15 +296,8 @@ CPU_FLAGS = (
 
 def cpu_flags() -> list[str]:
     """Which of :data:`CPU_FLAGS` the CPU reports in ``/proc/cpuinfo`` (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in CPU_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
+    present = hardware.cpu_flags()
+    return [flag for flag in CPU_FLAGS if flag in present]
 
 
 def machine_info(device: torch.device) -> dict:

@@ -49,11 +49,12 @@ def main() -> None:
         kept = rv_pred.copy()
         kept[..., slices] = False
         before, after = dice(rv_pred, rv_gt), dice(kept, rv_gt)
-        scores[phase(gt_path)].append((before, after))
+        name = phase(gt_path)
+        scores[name].append((before, after))
         if slices:
             voxels = int(rv_pred[..., slices].sum())
             print(
-                f"{stem} {phase(gt_path)}: {voxels} RV voxels on slices {slices}; RV Dice {before:.3f} -> {after:.3f}"
+                f"{stem} {name}: {voxels} RV voxels on slices {slices}; RV Dice {before:.3f} -> {after:.3f}"
             )
     for name, pairs in scores.items():
         if pairs:
@@ -66,8 +67,9 @@ def main() -> None:
         gt = load_volume(gt_path).data
         labelled = [z for z in range(gt.shape[2]) if gt[..., z].any()]
         if labelled:
-            counts[phase(gt_path)][0] += 1
-            counts[phase(gt_path)][1] += int((gt[..., labelled[0]] == RV).any())
+            count = counts[phase(gt_path)]
+            count[0] += 1
+            count[1] += int((gt[..., labelled[0]] == RV).any())
     for name, (n, with_rv) in counts.items():
         if n:
             print(f"ground truth {name}: the most basal labelled slice holds RV in {with_rv} of {n} volumes")

@@ -54,9 +54,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     ckpt = read_checkpoint(path)
     record = ckpt["seg_densenet"]
     model = instantiate(record["model"])
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    load_state_dict_strict(model, state, path)
+    load_state_dict_strict(model, network_state(ckpt), path)
     return model, record
+
+
+def network_state(ckpt: dict) -> dict:
+    """The network's weights of a training checkpoint: its ``model.`` keys, without the prefix."""
+    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
 
 
 def load_state_dict_strict(model: nn.Module, state: dict, path: str | Path) -> None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from seg_densenet import config as _config  # noqa: F401  (registers the ${sd.repo_root:} resolver)
-from seg_densenet.checkpoint import load_state_dict_strict, read_checkpoint, safe_torch_load
+from seg_densenet.checkpoint import load_state_dict_strict, network_state, read_checkpoint, safe_torch_load
 from seg_densenet.config_checks import model_label, validate
 from seg_densenet.errors import ConfigError, SegDenseNetError
 from seg_densenet.lit.precision import resolve_precision
@@ -159,10 +159,7 @@ def _start_from_checkpoint(net: torch.nn.Module, path: str, encoder_weights: str
             f"task.segment.init_checkpoint={path} sets every weight, the encoder's too: it cannot be combined "
             f"with encoder weights ({encoder_weights}); use task=segment and model.encoder_weights=null"
         )
-    state = read_checkpoint(path)["state_dict"]
-    load_state_dict_strict(
-        net, {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}, path
-    )
+    load_state_dict_strict(net, network_state(read_checkpoint(path)), path)
     log.info("every weight starts from %s", path)
 
 
