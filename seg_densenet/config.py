@@ -19,8 +19,8 @@ def first_existing(*paths: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``${sd.repo_root:}``, ``${sd.first_existing:a,b,...}``, ``${sd.nnunet_structures:DIR}``
-    and ``${sd.num_classes:structures}`` (idempotent)."""
+    """Register ``${sd.repo_root:}``, ``${sd.first_existing:a,b,...}``, ``${sd.nnunet_structures:DIR}``,
+    ``${sd.num_classes:structures}`` and ``${sd.input_channels:context_slices}`` (idempotent)."""
     if not OmegaConf.has_resolver("sd.repo_root"):
         OmegaConf.register_new_resolver("sd.repo_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("sd.first_existing"):
@@ -33,6 +33,10 @@ def register_resolvers() -> None:
         from seg_densenet.data.labels import num_classes
 
         OmegaConf.register_new_resolver("sd.num_classes", num_classes)
+    if not OmegaConf.has_resolver("sd.input_channels"):
+        from seg_densenet.data.context import input_channels
+
+        OmegaConf.register_new_resolver("sd.input_channels", input_channels)
 
 
 register_resolvers()

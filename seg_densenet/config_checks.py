@@ -224,6 +224,7 @@ _DATA = [
     rule("data.n_folds", int_at_least(2)),
     rule("data.fold", either(int_at_least(0), one_of(ALL_FOLDS))),
     rule("data.val_fraction", number_in(0, 1, high_open=True)),
+    rule("data.context_slices", int_at_least(0)),
     rule("data.in_channels", int_at_least(1)),
     rule("data.structures", STRUCTURES),
     rule("data.label_mapping", LABEL_MAPPING, nullable=True),
@@ -422,6 +423,11 @@ def _check_training(cfg: DictConfig) -> None:
         data, model = _value(cfg, f"data.{key}"), _value(cfg, f"model.{key}")
         if _is_int(data) and _is_int(model) and data != model:
             raise bad_option(f"model.{key}", model, f"equal to data.{key}={data}")
+    context = _value(cfg, "data.context_slices")
+    if _is_int(context) and context > 0 and "classify" in (_value(cfg, "task.stages") or []):
+        raise bad_option(
+            "data.context_slices", context, "0 with classification pretraining (it reads single slices)"
+        )
     weights = _value(cfg, "task.segment.module.class_weights")
     classes = _value(cfg, "data.num_classes")
     if weights not in (None, _ABSENT) and "segment" in (_value(cfg, "task.stages") or []):

@@ -112,7 +112,9 @@ def _grid(data: dict) -> str:
     crop = data.get("crop_size") or data.get("image_size")
     crop = f"crop {'x'.join(map(str, crop))}" if crop else "whole slices"
     norm = f"{data.get('normalization', '?')} after clipping to percentiles {_plain(data.get('percentiles'))}"
-    return f"{spacing}; {crop}; intensities {norm}"
+    context = int(data.get("context_slices") or 0)
+    slices = f"; each slice with {context} neighbour(s) on each side as channels (2.5D)" if context else ""
+    return f"{spacing}; {crop}; intensities {norm}{slices}"
 
 
 def _heart_size(stats: dict | None) -> str:

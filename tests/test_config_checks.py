@@ -23,6 +23,8 @@ BAD_OPTIONS = [
     (TRAIN + ["data.crop_size=[16,16]"], "data.crop_size=[16, 16]", "at least [32, 32] for model DenseUNet"),
     (TRAIN + ["model.num_classes=3"], "model.num_classes=3", "data.num_classes=4"),
     (TRAIN + ["data.augmentation.transforms.0.p=2"], "data.augmentation.transforms.0.p=2", "probability"),
+    (TRAIN + ["task=segment", "data.context_slices=-1"], "data.context_slices=-1", "integer >= 0"),
+    (TRAIN + ["data.context_slices=1"], "data.context_slices=1", "0 with classification pretraining"),
     (
         ["-m", "seg_densenet.predict", "ckpt=no_such.ckpt", "input=.", "output={tmp}/out"],
         "ckpt=no_such.ckpt",

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from seg_densenet.data.acdc import GROUPS, Case, Layout, discover_cases
 from seg_densenet.data.cache import CachedVolume, VolumeCache
+from seg_densenet.data.context import input_channels
 from seg_densenet.data.datasets import (
     PHASE_POSITIONS,
     DiagnosisSliceDataset,
@@ -42,11 +43,20 @@ SPLITS = ("train", "val", "test")
 
 
 def _check_classes(
-    label_set: LabelSet, in_channels: int, num_classes: int, label_mapping: Mapping | None
+    label_set: LabelSet,
+    in_channels: int,
+    num_classes: int,
+    label_mapping: Mapping | None,
+    context_slices: int = 0,
 ) -> None:
     """The class options :class:`SegmentationDataModule` checks itself (for callers that bypass the CLI)."""
-    if in_channels != 1:
-        raise ConfigError(f"data.in_channels: short-axis MRI has 1 channel, got {in_channels}")
+    if context_slices < 0:
+        raise ConfigError(f"data.context_slices: must be >= 0 slices, got {context_slices}")
+    if in_channels != input_channels(context_slices):
+        raise ConfigError(
+            f"data.in_channels: short-axis MRI has 1 channel per slice, {input_channels(context_slices)} "
+            f"with data.context_slices={context_slices}; got {in_channels}"
+        )
     if num_classes != label_set.num_classes:
         raise ConfigError(
             f"data.num_classes: data.structures {label_set.class_names[1:]} and background are "
@@ -86,9 +96,12 @@ class SegmentationDataModule(pl.LightningDataModule):
     augmentation: an albumentations pipeline for training slices, or ``None``.
     skip_bad_cases: ``False``: an unreadable case raises :class:`DataError`; ``True``: it is left out,
     with one warning listing all such cases.
-    in_channels, num_classes: 1 and background + ``structures`` (checked); model configs read them from here.
+    context_slices: 2.5D input, each slice with ``k`` neighbours on each side as channels
+    (:mod:`~seg_densenet.data.context`); 0: one slice, one channel.
+    in_channels, num_classes: ``2 * context_slices + 1`` and background + ``structures`` (checked); model
+    configs read them from here.
 
-    Batches: train ``{"image": (B, 1, H, W) float32, "mask": (B, H, W) int64, "case": list[str]}``;
+    Batches: train ``{"image": (B, in_channels, H, W) float32, "mask": (B, H, W) int64, "case": list[str]}``;
     val/test: one volume per step, see :class:`~seg_densenet.data.datasets.VolumeDataset`.
     """
 
@@ -119,12 +132,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         skip_bad_cases: bool = False,
+        context_slices: int = 0,
         in_channels: int = 1,
         num_classes: int = 4,
     ):
         super().__init__()
         self.label_set = LabelSet.from_config(structures)
-        _check_classes(self.label_set, in_channels, num_classes, label_mapping)
+        _check_classes(self.label_set, in_channels, num_classes, label_mapping, context_slices)
         check_crop_options(crop_jitter, foreground_fraction, augment_margin)
         self.save_hyperparameters(ignore=["augmentation"])
         self.root = Path(root)
@@ -148,6 +162,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.augmentation = augmentation
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.skip_bad_cases = skip_bad_cases
+        self.context_slices = int(context_slices)
         self.in_channels, self.num_classes = in_channels, num_classes
         self.cases: list[Case] = []
         self.split: dict = {}
@@ -238,6 +253,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             self.crop_jitter,
             foreground_fraction=self.foreground_fraction,
             augment_margin=self.augment_margin,
+            context_slices=self.context_slices,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -278,7 +294,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def _volume_loader(self, split: str) -> DataLoader:
         # batch_size=None: one volume per step, returned as the dataset's item (no batch dimension)
         return DataLoader(
-            VolumeDataset(self.entries[split]),
+            VolumeDataset(self.entries[split], self.context_slices),
             batch_size=None,
             shuffle=False,
             num_workers=self.num_workers,

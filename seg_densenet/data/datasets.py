@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from seg_densenet.data.cache import CachedVolume
+from seg_densenet.data.context import context_indices, context_stack
 from seg_densenet.data.preprocess import center_shift, place
 from seg_densenet.errors import ConfigError, DataError
 
@@ -42,13 +43,29 @@ class _CachedArrays:
                 ) from exc
         return self._open[i]
 
+    def image_slice(self, i: int, z: int, context_slices: int = 0) -> np.ndarray:
+        """Slice ``z`` of entry ``i``: ``(H, W)`` float32, or ``(H, W, 2k + 1)`` with ``context_slices = k``
+        neighbours on each side as channels (:mod:`seg_densenet.data.context`), channels last as
+        albumentations takes them."""
+        image, _ = self.arrays(i)
+        if not context_slices:
+            return np.asarray(image[z], dtype=np.float32)
+        index = context_indices(z, z + 1, image.shape[0], context_slices)[0]
+        return np.moveaxis(np.asarray(image[index], dtype=np.float32), 0, -1)
+
     def crop(
-        self, i: int, z: int, size: Sequence[int] | None, offset: Sequence[int] = (0, 0)
+        self,
+        i: int,
+        z: int,
+        size: Sequence[int] | None,
+        offset: Sequence[int] = (0, 0),
+        context_slices: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Slice ``z`` of entry ``i``, cropped/padded to ``size`` around the entry's label centre moved
-        by ``offset`` pixels (the crop stays inside the array)."""
-        image, mask = self.arrays(i)
-        img, msk = np.asarray(image[z], dtype=np.float32), np.asarray(mask[z])
+        """Slice ``z`` of entry ``i`` (with its neighbours, see :meth:`image_slice`), cropped/padded to
+        ``size`` around the entry's label centre moved by ``offset`` pixels (the crop stays inside the
+        array)."""
+        _, mask = self.arrays(i)
+        img, msk = self.image_slice(i, z, context_slices), np.asarray(mask[z])
         if size is None:
             return img, msk
         # centring on the volume's labels (not each slice's) keeps the heart inside the crop while
@@ -59,11 +76,12 @@ class _CachedArrays:
         return self._place(img, msk, size, center)
 
     def crop_at(
-        self, i: int, z: int, size: Sequence[int], center: Sequence[float]
+        self, i: int, z: int, size: Sequence[int], center: Sequence[float], context_slices: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Slice ``z`` of entry ``i``, cropped/padded to ``size`` around ``center`` (``(row, col)`` pixels)."""
-        image, mask = self.arrays(i)
-        return self._place(np.asarray(image[z], dtype=np.float32), np.asarray(mask[z]), size, center)
+        """Slice ``z`` of entry ``i`` (with its neighbours, see :meth:`image_slice`), cropped/padded to
+        ``size`` around ``center`` (``(row, col)`` pixels)."""
+        _, mask = self.arrays(i)
+        return self._place(self.image_slice(i, z, context_slices), np.asarray(mask[z]), size, center)
 
     @staticmethod
     def _place(
@@ -85,7 +103,8 @@ def check_crop_options(crop_jitter: int, foreground_fraction: float | None, augm
 
 
 class SliceDataset(Dataset):
-    """Training slices. Item: ``{"image": (1, H, W) float32, "mask": (H, W) int64, "case": "patient001_ED"}``.
+    """Training slices. Item: ``{"image": (C, H, W) float32, "mask": (H, W) int64, "case": "patient001_ED"}``,
+    ``C = 2 * context_slices + 1``.
 
     crop_size: ``(H, W)`` of every item (``None``: keep each volume's size, batches then need equal
     sizes); crop_jitter: the crop's centre moves from the volume's label centre by up to this many
@@ -100,6 +119,12 @@ class SliceDataset(Dataset):
     random pixel, so the network also learns what liver, bowel and chest wall look like.
     augment_margin: the crop is taken this many pixels larger on every side, augmented, then
     centre-cropped to ``crop_size``, so rotations and zooms bring in real anatomy instead of fill.
+
+    context_slices: 2.5D input, ``k`` neighbouring slices on each side as channels
+    (:mod:`seg_densenet.data.context`), augmented together with the slice. Which way a stack runs
+    (base to apex or back) differs between scanners and affines, so each item reverses the
+    neighbours' order with probability 0.5: the network learns from what the neighbours show, not
+    from their direction.
     """
 
     def __init__(
@@ -110,11 +135,15 @@ class SliceDataset(Dataset):
         crop_jitter: int = 0,
         foreground_fraction: float | None = None,
         augment_margin: int = 0,
+        context_slices: int = 0,
     ):
         self.store = _CachedArrays(entries)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.augment = augment
         check_crop_options(crop_jitter, foreground_fraction, augment_margin)
+        if context_slices < 0:
+            raise ConfigError(f"data.context_slices: must be >= 0 slices, got {context_slices}")
+        self.context_slices = int(context_slices)
         self.crop_jitter = int(crop_jitter)
         self.foreground_fraction = foreground_fraction
         self.augment_margin = int(augment_margin) if self.crop_size is not None else 0
@@ -146,16 +175,23 @@ class SliceDataset(Dataset):
             offset = (0, 0)
             if self.crop_jitter:
                 offset = tuple(torch.randint(-self.crop_jitter, self.crop_jitter + 1, (2,)).tolist())
-            image, mask = self.store.crop(i, z, window, offset)
+            image, mask = self.store.crop(i, z, window, offset, self.context_slices)
         else:
-            image, mask = self.store.crop_at(i, z, window, self._patch_center(i, z))
+            center = self._patch_center(i, z)
+            image, mask = self.store.crop_at(i, z, window, center, self.context_slices)
         if self.augment is not None:
             image, mask = self.augment(image, mask)
         if window != self.crop_size:
-            shift = center_shift(image.shape, self.crop_size)
+            shift = center_shift(mask.shape, self.crop_size)
             image, mask = place(image, self.crop_size, shift), place(mask, self.crop_size, shift)
+        if self.context_slices:
+            image = np.moveaxis(image, -1, 0)  # (H, W, C) -> (C, H, W)
+            if float(torch.rand(())) < 0.5:
+                image = image[::-1]
+        else:
+            image = image[None]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "mask": torch.from_numpy(np.asarray(mask, dtype=np.int64)),
             "case": self.store.entries[i].name,
         }
@@ -164,12 +200,14 @@ class SliceDataset(Dataset):
 class VolumeDataset(Dataset):
     """Whole volumes for validation/test.
 
-    Item: ``{"image": (S, 1, H, W) float32, "mask": (S, H, W) int64, "spacing": (3,) float32 mm as
-    (sx, sy, sz) = (H, W, S) axes, "case": "patient001", "phase": "ED"}``.
+    Item: ``{"image": (S, C, H, W) float32, "mask": (S, H, W) int64, "spacing": (3,) float32 mm as
+    (sx, sy, sz) = (H, W, S) axes, "case": "patient001", "phase": "ED"}``; ``C = 2 * context_slices + 1``,
+    each slice with its neighbours (:mod:`seg_densenet.data.context`).
     """
 
-    def __init__(self, entries: Sequence[CachedVolume]):
+    def __init__(self, entries: Sequence[CachedVolume], context_slices: int = 0):
         self.store = _CachedArrays(entries)
+        self.context_slices = int(context_slices)
 
     def __len__(self) -> int:
         return len(self.store.entries)
@@ -179,7 +217,7 @@ class VolumeDataset(Dataset):
         image, mask = self.store.arrays(i)
         case, _, phase = entry.name.rpartition("_")
         return {
-            "image": torch.from_numpy(np.array(image, dtype=np.float32))[:, None],
+            "image": torch.from_numpy(context_stack(image, self.context_slices)),
             "mask": torch.from_numpy(np.array(mask, dtype=np.int64)),
             "spacing": torch.tensor(entry.meta.spacing, dtype=torch.float32),
             "case": case,

@@ -17,6 +17,7 @@ from rich.progress import Progress
 
 from seg_densenet.checkpoint import load_model
 from seg_densenet.config_checks import AUTO_SCALE, SCALE_LIMITS
+from seg_densenet.data.context import context_stack, input_channels
 from seg_densenet.data.heart_size import heart_size, zoom_into_band
 from seg_densenet.data.labels import LabelSet
 from seg_densenet.data.nifti import Volume
@@ -52,6 +53,8 @@ class Predictor:
     plain pass, its heart measured, and, if it lies outside that band, every scale is multiplied by
     the zoom that brings it to the nearer edge (within :data:`AUTO_SCALE_LIMITS`): a scanner with
     other pixels than the training data's meets the network at the scale it learned.
+    context_slices: the checkpoint's 2.5D input, ``k`` neighbouring slices on each side as channels
+    (:mod:`seg_densenet.data.context`; a checkpoint record's ``data.context_slices``).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Predictor:
         scales: Sequence[float] = (1.0,),
         auto_scale: Sequence[float] | None = None,
         heart_size: dict | None = None,
+        context_slices: int = 0,
     ):
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"precision={precision}: valid values are {', '.join(PRECISIONS)}")
@@ -92,6 +96,7 @@ class Predictor:
             raise ConfigError(f"scales={list(scales)}: zoom factors must lie between {low:g} and {high:g}")
         self.auto_scale = _check_band(auto_scale)
         self.heart_size = heart_size
+        self.context_slices = int(context_slices)
         if self.auto_scale is not None and not heart_size:
             log.warning(
                 "auto_scale: the checkpoint records no training heart sizes (saved before they were kept); off"
@@ -115,7 +120,8 @@ class Predictor:
         scales: Sequence[float] | None = None,
         transforms: Sequence[Dihedral] | None = None,
     ) -> torch.Tensor:
-        """Softmax ``(B, C, H, W)`` float32 of slices ``(B, 1, H, W)``, averaged over TTA and MC passes
+        """Softmax ``(B, C, H, W)`` float32 of slices ``(B, 2k + 1, H, W)`` (each with its ``k =
+        context_slices`` neighbours on each side), averaged over TTA and MC passes
         and ``scales`` (default: the predictor's) with ``transforms`` (default: its TTA)."""
         scales = self.scales if scales is None else tuple(scales)
         transforms = self.tta_transforms if transforms is None else tuple(transforms)
@@ -234,9 +240,9 @@ class Predictor:
         scales: Sequence[float] | None = None,
         transforms: Sequence[Dihedral] | None = None,
     ) -> torch.Tensor:
-        """:meth:`_probabilities` of slices ``image[start:stop]``; running out of memory is one line
-        naming the file ``name`` and the batch size to lower."""
-        chunk = torch.from_numpy(image[start:stop, None]).to(self.device)
+        """:meth:`_probabilities` of slices ``image[start:stop]`` (with their neighbours in ``image``);
+        running out of memory is one line naming the file ``name`` and the batch size to lower."""
+        chunk = torch.from_numpy(context_stack(image, self.context_slices, start, stop)).to(self.device)
         try:
             return self._probabilities(chunk, scales, transforms)
         except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -299,7 +305,7 @@ class Predictor:
     def _measure_slice_bytes(self, height: int, width: int, scales: Sequence[float] | None = None) -> int:
         """Peak extra memory (bytes) of predicting one slice at ``scales`` (default: the predictor's),
         measured once per in-plane size and scales."""
-        x = torch.zeros(1, 1, height, width, device=self.device)
+        x = torch.zeros(1, input_channels(self.context_slices), height, width, device=self.device)
         # a first, unmeasured pass: one-time allocations (kernel workspaces, thread pools) are not per slice
         self._probabilities(x, scales)
         # what the chunk keeps besides the network: probabilities, their inverse mapping, labels
@@ -423,6 +429,7 @@ def build_predictor(
             tta, *((record.get("data") or {}).get("augmentation") for record in records)
         ),
         heart_size=records[0].get("heart_size"),
+        context_slices=int(data_cfg.get("context_slices") or 0),
         precision=str(precision),
         **options,
     )

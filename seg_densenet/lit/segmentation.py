@@ -102,7 +102,7 @@ class SegmentationModule(BaseModule):
     # -- volume evaluation ------------------------------------------------------------------------
     @torch.no_grad()
     def predict_volume_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits ``(S, C, H, W)`` of a slice stack ``(S, 1, H, W)``, in batches of slices."""
+        """Logits ``(S, C, H, W)`` of a slice stack ``(S, in_channels, H, W)``, in batches of slices."""
         chunks = [
             self(image[i : i + self.inference_batch_size])
             for i in range(0, image.shape[0], self.inference_batch_size)
