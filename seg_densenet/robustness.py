@@ -88,7 +88,8 @@ def rotate90(volume: Volume, label: bool = False, *, k: int = 1) -> Volume:
 
 
 def flip(volume: Volume, label: bool = False, *, axis: int) -> Volume:
-    """Reverse array axis ``axis`` (0: left-right, 1: up-down) with the affine compensated."""
+    """Reverse array axis ``axis`` (0: left-right, 1: up-down, 2: the order of the slices) with the
+    affine compensated."""
     new_to_old = np.eye(4)
     new_to_old[axis, axis] = -1.0
     new_to_old[axis, 3] = volume.shape[axis] - 1
@@ -164,6 +165,7 @@ SHIFTS: dict[str, Callable[..., Volume]] = {
     "rot270": partial(rotate90, k=3),
     "flip_lr": partial(flip, axis=0),
     "flip_ud": partial(flip, axis=1),
+    "flip_slices": partial(flip, axis=2),
     "permute": slices_first,
     "spacing_0.7": partial(resample_inplane, factor=0.7),
     "spacing_1.4": partial(resample_inplane, factor=1.4),
@@ -180,6 +182,7 @@ GEOMETRIC: tuple[str, ...] = (
     "rot270",
     "flip_lr",
     "flip_ud",
+    "flip_slices",
     "permute",
     "spacing_0.7",
     "spacing_1.4",

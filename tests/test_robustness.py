@@ -75,7 +75,7 @@ def test_rot90_four_times_and_rot90_then_rot270_give_back_the_volume(volumes):
         np.testing.assert_array_equal(back.data, image.data)
         np.testing.assert_allclose(back.affine, image.affine, atol=1e-12)
         np.testing.assert_allclose(back.spacing, image.spacing)
-    for flip in ("flip_lr", "flip_ud"):
+    for flip in ("flip_lr", "flip_ud", "flip_slices"):
         twice = SHIFTS[flip](SHIFTS[flip](image))
         np.testing.assert_array_equal(twice.data, image.data)
         np.testing.assert_allclose(twice.affine, image.affine, atol=1e-12)
