@@ -12,6 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from seg_densenet.errors import ConfigError
+
+
+def check_context_slices(context_slices: int) -> int:
+    """``data.context_slices`` as an int, checked (``>= 0``); raises :class:`ConfigError` naming the option."""
+    if context_slices < 0:
+        raise ConfigError(f"data.context_slices: must be >= 0 slices, got {context_slices}")
+    return int(context_slices)
+
 
 def input_channels(context_slices: int) -> int:
     """Channels of the network input for ``context_slices`` neighbours on each side: ``2k + 1``."""

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from seg_densenet.data.acdc import GROUPS, Case, Layout, discover_cases
 from seg_densenet.data.cache import CachedVolume, VolumeCache
-from seg_densenet.data.context import input_channels
+from seg_densenet.data.context import check_context_slices, input_channels
 from seg_densenet.data.datasets import (
     PHASE_POSITIONS,
     DiagnosisSliceDataset,
@@ -50,8 +50,7 @@ def _check_classes(
     context_slices: int = 0,
 ) -> None:
     """The class options :class:`SegmentationDataModule` checks itself (for callers that bypass the CLI)."""
-    if context_slices < 0:
-        raise ConfigError(f"data.context_slices: must be >= 0 slices, got {context_slices}")
+    check_context_slices(context_slices)
     if in_channels != input_channels(context_slices):
         raise ConfigError(
             f"data.in_channels: short-axis MRI has 1 channel per slice, {input_channels(context_slices)} "

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from seg_densenet.data.cache import CachedVolume
-from seg_densenet.data.context import context_indices, context_stack
+from seg_densenet.data.context import check_context_slices, context_stack
 from seg_densenet.data.preprocess import center_shift, place
 from seg_densenet.errors import ConfigError, DataError
 
@@ -50,8 +50,7 @@ class _CachedArrays:
         image, _ = self.arrays(i)
         if not context_slices:
             return np.asarray(image[z], dtype=np.float32)
-        index = context_indices(z, z + 1, image.shape[0], context_slices)[0]
-        return np.moveaxis(np.asarray(image[index], dtype=np.float32), 0, -1)
+        return np.moveaxis(context_stack(image, context_slices, z, z + 1)[0], 0, -1)
 
     def crop(
         self,
@@ -141,9 +140,7 @@ class SliceDataset(Dataset):
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.augment = augment
         check_crop_options(crop_jitter, foreground_fraction, augment_margin)
-        if context_slices < 0:
-            raise ConfigError(f"data.context_slices: must be >= 0 slices, got {context_slices}")
-        self.context_slices = int(context_slices)
+        self.context_slices = check_context_slices(context_slices)
         self.crop_jitter = int(crop_jitter)
         self.foreground_fraction = foreground_fraction
         self.augment_margin = int(augment_margin) if self.crop_size is not None else 0
