@@ -277,6 +277,7 @@ def _scheduler_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "scheduler": factory,
         "scheduler_interval": sched.get("interval", "epoch"),
         "scheduler_total_steps": bool(sched.get("pass_total_steps", False)),
+        "scheduler_elapsed_fraction": bool(sched.get("pass_elapsed_fraction", False)),
     }
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 
 from seg_densenet.errors import SegDenseNetError
+from seg_densenet.lit.schedules import max_time_fraction
 
 
 class NonFiniteLossError(SegDenseNetError):
@@ -24,7 +25,10 @@ class BaseModule(pl.LightningModule):
 
     ``scheduler`` is called with the optimiser, and with ``total_steps`` (the run's optimiser steps, from
     Lightning's estimate) when ``scheduler_total_steps`` is set: the scheduler config's
-    ``pass_total_steps`` (``conf/scheduler/warmup_cosine.yaml``).
+    ``pass_total_steps`` (``conf/scheduler/warmup_cosine.yaml``); and with ``elapsed_fraction`` (the
+    share of ``trainer.max_time`` spent, a callable) when ``scheduler_elapsed_fraction`` is set and the
+    trainer has a time limit: the config's ``pass_elapsed_fraction``, so that the schedule ends by the
+    time limit on a machine too slow for the steps.
 
     ``record`` (plain dicts and strings) is stored in every checkpoint under ``"seg_densenet"`` so that
     prediction can rebuild the network and its preprocessing from the checkpoint alone, and loading
@@ -40,6 +44,7 @@ class BaseModule(pl.LightningModule):
         record: dict | None = None,
         channels_last: bool = False,
         scheduler_total_steps: bool = False,
+        scheduler_elapsed_fraction: bool = False,
     ):
         super().__init__()
         # NHWC layout for the network and its 4-D inputs (the fast path of docs/benchmarks.md)
@@ -49,6 +54,7 @@ class BaseModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.scheduler_total_steps = scheduler_total_steps
+        self.scheduler_elapsed_fraction = scheduler_elapsed_fraction
         self.record = record or {}
         self.val_best = MaxMetric()  # the best value so far of the monitored validation metric (log_best)
 
@@ -77,6 +83,10 @@ class BaseModule(pl.LightningModule):
         ):  # the scheduler config's pass_total_steps: a schedule over the whole run
             steps = self.trainer.estimated_stepping_batches
             kwargs["total_steps"] = int(steps) if math.isfinite(steps) else 1000
+        if self.scheduler_elapsed_fraction:  # the config's pass_elapsed_fraction: end by trainer.max_time too
+            fraction = max_time_fraction(self.trainer)
+            if fraction is not None:
+                kwargs["elapsed_fraction"] = fraction
         scheduler = self.scheduler_factory(optimizer, **kwargs)
         return {
             "optimizer": optimizer,

@@ -27,9 +27,17 @@ class ClassificationModule(BaseModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         scheduler_total_steps: bool = False,
+        scheduler_elapsed_fraction: bool = False,
     ):
         super().__init__(
-            model, optimizer, scheduler, scheduler_interval, record, channels_last, scheduler_total_steps
+            model,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            record,
+            channels_last,
+            scheduler_total_steps,
+            scheduler_elapsed_fraction,
         )
         self.label_smoothing = label_smoothing
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -49,9 +49,17 @@ class SegmentationModule(BaseModule):
         channels_last: bool = False,
         labels: dict[str, int] | None = None,
         scheduler_total_steps: bool = False,
+        scheduler_elapsed_fraction: bool = False,
     ):
         super().__init__(
-            model, optimizer, scheduler, scheduler_interval, record, channels_last, scheduler_total_steps
+            model,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            record,
+            channels_last,
+            scheduler_total_steps,
+            scheduler_elapsed_fraction,
         )
         self.label_set = LabelSet.from_config(labels)
         self.structures = self.label_set.metric_names
