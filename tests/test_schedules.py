@@ -20,7 +20,11 @@ MIN_LR_RATIO = 0.01
 def _lrs(steps: int, total_steps: int, elapsed_fraction=None) -> list[float]:
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=BASE_LR)
     scheduler = warmup_cosine(
-        optimizer, total_steps, warmup_fraction=0.1, min_lr_ratio=MIN_LR_RATIO, elapsed_fraction=elapsed_fraction
+        optimizer,
+        total_steps,
+        warmup_fraction=0.1,
+        min_lr_ratio=MIN_LR_RATIO,
+        elapsed_fraction=elapsed_fraction,
     )
     lrs = []
     for _ in range(steps):
@@ -35,7 +39,9 @@ def test_warmup_then_cosine_to_the_minimum():
     assert lrs[0] == pytest.approx(BASE_LR / 10)  # the first of 10 warm-up steps
     assert lrs[9] == pytest.approx(BASE_LR)  # the peak at the end of the warm-up
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then it only falls
-    assert lrs[55] == pytest.approx(BASE_LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    assert lrs[55] == pytest.approx(
+        BASE_LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    )
     assert lrs[100] == pytest.approx(BASE_LR * MIN_LR_RATIO)
 
 
@@ -61,7 +67,9 @@ def _final_lr(pass_elapsed_fraction: bool, tmp_path) -> tuple[float, int]:
     module = _Regression(
         nn.Linear(4, 1),
         lambda params: torch.optim.SGD(params, lr=BASE_LR),
-        lambda optimizer, **kwargs: warmup_cosine(optimizer, warmup_fraction=0.0, min_lr_ratio=MIN_LR_RATIO, **kwargs),
+        lambda optimizer, **kwargs: warmup_cosine(
+            optimizer, warmup_fraction=0.0, min_lr_ratio=MIN_LR_RATIO, **kwargs
+        ),
         scheduler_interval="step",
         scheduler_total_steps=True,
         scheduler_elapsed_fraction=pass_elapsed_fraction,

@@ -460,6 +460,8 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, synthetic_root):
             "trainer=ddp",
             "trainer.accelerator=cpu",
             "trainer.devices=2",
+            # a time limit: the schedule reads the share spent on both processes (rank 0's, broadcast)
+            "++trainer.max_time=00:00:30:00",
             f"hydra.run.dir={run}",
         ]
     )

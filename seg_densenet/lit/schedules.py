@@ -41,13 +41,15 @@ def warmup_cosine(
 
 def max_time_fraction(trainer) -> Callable[[], float] | None:
     """The share of ``trainer.max_time`` spent so far (time before a resume included, as Lightning's
-    :class:`~pytorch_lightning.callbacks.Timer` counts it), as a callable; ``None`` without a time limit."""
+    :class:`~pytorch_lightning.callbacks.Timer` counts it), as a callable; ``None`` without a time limit.
+    Under DDP every process takes rank 0's reading (as the Timer does for its stop), so that all
+    replicas step with the same learning rate."""
     timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
     if timer is None or timer.time_remaining() is None:
         return None
 
     def fraction() -> float:
         elapsed = timer.time_elapsed()
-        return elapsed / max(elapsed + timer.time_remaining(), 1e-9)
+        return float(trainer.strategy.broadcast(elapsed / max(elapsed + timer.time_remaining(), 1e-9)))
 
     return fraction
