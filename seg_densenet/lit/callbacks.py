@@ -10,6 +10,13 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Timer
 
 
+def time_limit(trainer: pl.Trainer) -> Timer | None:
+    """The trainer's :class:`~pytorch_lightning.callbacks.Timer` when it has a duration
+    (``trainer.max_time``), else ``None``."""
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    return timer if timer is not None and timer.time_remaining() is not None else None
+
+
 class ElapsedTime(pl.Callback):
     """Logs ``val/elapsed_min``: wall-clock minutes since fitting started, at every validation, so
     that validation Dice can be plotted against training time (``csv/metrics.csv``). Time spent before
@@ -116,8 +123,8 @@ class ProgressLog(pl.Callback):
         if done <= 0 or not isinstance(total, int | float) or total == float("inf"):
             return "time left unknown"
         left = elapsed / done * max(total - trainer.global_step, 0)
-        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-        if timer is not None and timer.time_remaining() is not None:
+        timer = time_limit(trainer)
+        if timer is not None:
             left = min(left, timer.time_remaining() / 60.0)
         return f"~{left:.1f} min left"
 

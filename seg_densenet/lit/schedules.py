@@ -6,8 +6,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from pytorch_lightning.callbacks import Timer
 from torch.optim.lr_scheduler import LambdaLR
+
+from seg_densenet.lit.callbacks import time_limit
 
 
 def warmup_cosine(
@@ -44,8 +45,8 @@ def max_time_fraction(trainer) -> Callable[[], float] | None:
     :class:`~pytorch_lightning.callbacks.Timer` counts it), as a callable; ``None`` without a time limit.
     Under DDP every process takes rank 0's reading (as the Timer does for its stop), so that all
     replicas step with the same learning rate."""
-    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-    if timer is None or timer.time_remaining() is None:
+    timer = time_limit(trainer)
+    if timer is None:
         return None
 
     def fraction() -> float:
